@@ -1,0 +1,1 @@
+// Anchor translation unit that builds the shared precompiled header.

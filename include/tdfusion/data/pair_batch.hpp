@@ -1,0 +1,53 @@
+#pragma once
+// What the bilevel optimiser consumes: one batch of registered infrared / visible pairs, given twice, once
+// resized to the task network's input size (with the task's labels) and once as full-resolution crops for
+// the fusion loss (spec section 3: fusion crops at full resolution, task input at the task size).
+
+#include "tdfusion/core/checks.hpp"
+
+#include <torch/torch.h>
+
+#include <vector>
+
+namespace tdfusion::data {
+
+/// How a task's label type is batched and moved. Specialise for a custom label type; torch::Tensor labels
+/// (e.g. N x H x W class maps) are concatenated along the batch dimension.
+template <class Target>
+struct TargetTraits;
+
+template <>
+struct TargetTraits<torch::Tensor> {
+  static torch::Tensor concat(const std::vector<torch::Tensor>& parts) { return torch::cat(parts, 0); }
+  static torch::Tensor to(const torch::Tensor& target, const torch::Device& device) { return target.to(device); }
+};
+
+template <class Target>
+struct PairBatch {
+  torch::Tensor ir, vi;            ///< task input, N x 1 x h x w in [0,1]
+  Target target;                   ///< the task's labels for `ir` / `vi`
+  torch::Tensor ir_crop, vi_crop;  ///< fusion-loss crops, N x 1 x c x c in [0,1], same offsets in both
+
+  /// The same batch on another device (and the images in another floating dtype).
+  PairBatch to(const torch::Device& device, torch::Dtype dtype) const {
+    return {ir.to(device, dtype), vi.to(device, dtype), TargetTraits<Target>::to(target, device),
+            ir_crop.to(device, dtype), vi_crop.to(device, dtype)};
+  }
+
+  /// Modality-swap augmentation (spec section 3): the batch followed by itself with ir and vi exchanged.
+  /// The geometry is unchanged, so the labels are repeated as they are.
+  PairBatch with_modality_swap() const {
+    return {torch::cat({ir, vi}, 0), torch::cat({vi, ir}, 0), TargetTraits<Target>::concat({target, target}),
+            torch::cat({ir_crop, vi_crop}, 0), torch::cat({vi_crop, ir_crop}, 0)};
+  }
+
+  /// Validates layout and values; the message names what is wrong.
+  void check() const {
+    check_pair(ir, vi);
+    check_pair(ir_crop, vi_crop);
+    TORCH_CHECK(ir.size(0) == ir_crop.size(0), "tdfusion: batch has ", ir.size(0), " task images but ",
+                ir_crop.size(0), " fusion crops");
+  }
+};
+
+}  // namespace tdfusion::data

@@ -1,0 +1,177 @@
+#pragma once
+// Functional building blocks of the paper's networks. Each block is a torch module that only *registers*
+// its weights (so names match the released state_dicts) and computes its output from a ParamView, so the
+// stateful and the fast-weight forward passes share one implementation.
+
+#include "tdfusion/core/param_view.hpp"
+
+#include <torch/torch.h>
+
+#include <cmath>
+
+namespace tdfusion::nn {
+
+/// 2-D convolution, stride 1, "same" zero padding, optional bias, optional groups (depthwise when
+/// groups == in_channels). Registered as `weight` (and `bias`), initialised like torch.nn.Conv2d.
+class ConvImpl : public torch::nn::Module {
+ public:
+  ConvImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t groups = 1, bool bias = false)
+      : kernel_(kernel), groups_(groups), bias_(bias) {
+    TORCH_CHECK(kernel % 2 == 1, "tdfusion: Conv needs an odd kernel size, got ", kernel);
+    TORCH_CHECK(in_channels % groups == 0 && out_channels % groups == 0, "tdfusion: Conv channels ", in_channels,
+                "->", out_channels, " are not divisible by groups ", groups);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in_channels / groups * kernel * kernel));
+    register_parameter("weight", torch::empty({out_channels, in_channels / groups, kernel, kernel}).uniform_(-bound, bound));
+    if (bias) register_parameter("bias", torch::empty({out_channels}).uniform_(-bound, bound));
+  }
+
+  torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
+    return torch::conv2d(x, p["weight"], bias_ ? p["bias"] : torch::Tensor(), /*stride=*/1,
+                         /*padding=*/kernel_ / 2, /*dilation=*/1, groups_);
+  }
+
+ private:
+  int64_t kernel_;
+  int64_t groups_;
+  bool bias_;
+};
+TORCH_MODULE(Conv);
+
+inline Conv conv1x1(int64_t in, int64_t out) { return Conv(in, out, 1); }
+inline Conv conv3x3(int64_t in, int64_t out) { return Conv(in, out, 3); }
+inline Conv dwconv3x3(int64_t channels) { return Conv(channels, channels, 3, channels); }
+
+/// Holds a per-channel affine pair (`weight` = 1, `bias` = 0): the `body` of the Restormer LayerNorm.
+class AffineImpl : public torch::nn::Module {
+ public:
+  explicit AffineImpl(int64_t channels) {
+    register_parameter("weight", torch::ones({channels}));
+    register_parameter("bias", torch::zeros({channels}));
+  }
+};
+TORCH_MODULE(Affine);
+
+/// Per-pixel LayerNorm over channels (biased variance, eps 1e-5); weights live in `body.{weight,bias}`.
+class LayerNormImpl : public torch::nn::Module {
+ public:
+  explicit LayerNormImpl(int64_t channels) { register_module("body", Affine(channels)); }
+
+  torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
+    const torch::Tensor mean = x.mean(1, /*keepdim=*/true);
+    const torch::Tensor centred = x - mean;
+    const torch::Tensor var = centred.pow(2).mean(1, /*keepdim=*/true);
+    const torch::Tensor w = p["body.weight"].view({1, -1, 1, 1});
+    const torch::Tensor b = p["body.bias"].view({1, -1, 1, 1});
+    return centred * torch::rsqrt(var + 1e-5) * w + b;
+  }
+};
+TORCH_MODULE(LayerNorm);
+
+/// Transposed ("channel") attention of Restormer: q and k are L2-normalised along the pixels and the
+/// attention matrix is (C/heads) x (C/heads), so the cost grows linearly with the pixel count.
+/// q, k, v: N x C x H x W; temperature: heads x 1 x 1. Returns N x C x H x W.
+inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                       const torch::Tensor& temperature, int64_t heads) {
+  const int64_t n = q.size(0), c = q.size(1), h = q.size(2), w = q.size(3);
+  TORCH_CHECK(c % heads == 0, "tdfusion: ", c, " channels cannot be split into ", heads, " heads");
+  namespace F = torch::nn::functional;
+  const auto normalise = F::NormalizeFuncOptions().p(2.0).dim(-1).eps(1e-12);
+  const torch::Tensor qh = F::normalize(q.reshape({n, heads, c / heads, h * w}), normalise);
+  const torch::Tensor kh = F::normalize(k.reshape({n, heads, c / heads, h * w}), normalise);
+  const torch::Tensor vh = v.reshape({n, heads, c / heads, h * w});
+  const torch::Tensor attn = torch::softmax(torch::matmul(qh, kh.transpose(-2, -1)) * temperature, -1);
+  return torch::matmul(attn, vh).reshape({n, c, h, w});
+}
+
+/// Multi-Dconv head transposed attention (MDTA).
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(int64_t dim, int64_t heads) : heads_(heads) {
+    register_parameter("temperature", torch::ones({heads, 1, 1}));
+    qkv_ = register_module("qkv", conv1x1(dim, 3 * dim));
+    qkv_dwconv_ = register_module("qkv_dwconv", dwconv3x3(3 * dim));
+    project_out_ = register_module("project_out", conv1x1(dim, dim));
+  }
+
+  torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
+    const auto qkv = qkv_dwconv_->forward_with(p.sub("qkv_dwconv"), qkv_->forward_with(p.sub("qkv"), x)).chunk(3, 1);
+    const torch::Tensor out = channel_attention(qkv[0], qkv[1], qkv[2], p["temperature"], heads_);
+    return project_out_->forward_with(p.sub("project_out"), out);
+  }
+
+ private:
+  int64_t heads_;
+  Conv qkv_{nullptr}, qkv_dwconv_{nullptr}, project_out_{nullptr};
+};
+TORCH_MODULE(Attention);
+
+/// Gated-Dconv feed-forward network (GDFN) with exact (erf) GELU gating.
+class FeedForwardImpl : public torch::nn::Module {
+ public:
+  FeedForwardImpl(int64_t dim, double expansion) {
+    const auto hidden = static_cast<int64_t>(dim * expansion);
+    project_in_ = register_module("project_in", conv1x1(dim, 2 * hidden));
+    dwconv_ = register_module("dwconv", dwconv3x3(2 * hidden));
+    project_out_ = register_module("project_out", conv1x1(hidden, dim));
+  }
+
+  torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
+    const auto halves = dwconv_->forward_with(p.sub("dwconv"), project_in_->forward_with(p.sub("project_in"), x)).chunk(2, 1);
+    return project_out_->forward_with(p.sub("project_out"), torch::gelu(halves[0]) * halves[1]);
+  }
+
+ private:
+  Conv project_in_{nullptr}, dwconv_{nullptr}, project_out_{nullptr};
+};
+TORCH_MODULE(FeedForward);
+
+/// Restormer transformer block: x += MDTA(LN(x)); x += GDFN(LN(x)).
+class TransformerBlockImpl : public torch::nn::Module {
+ public:
+  TransformerBlockImpl(int64_t dim, int64_t heads, double ffn_expansion) {
+    norm1_ = register_module("norm1", LayerNorm(dim));
+    attn_ = register_module("attn", Attention(dim, heads));
+    norm2_ = register_module("norm2", LayerNorm(dim));
+    ffn_ = register_module("ffn", FeedForward(dim, ffn_expansion));
+  }
+
+  torch::Tensor forward_with(const ParamView& p, torch::Tensor x) const {
+    x = x + attn_->forward_with(p.sub("attn"), norm1_->forward_with(p.sub("norm1"), x));
+    return x + ffn_->forward_with(p.sub("ffn"), norm2_->forward_with(p.sub("norm2"), x));
+  }
+
+ private:
+  LayerNorm norm1_{nullptr}, norm2_{nullptr};
+  Attention attn_{nullptr};
+  FeedForward ffn_{nullptr};
+};
+TORCH_MODULE(TransformerBlock);
+
+/// A registered list of transformer blocks named `<name>.0`, `<name>.1`, ... applied in order.
+class TransformerStack {
+ public:
+  TransformerStack() = default;
+  TransformerStack(torch::nn::Module& owner, const std::string& name, int64_t depth, int64_t dim, int64_t heads,
+                   double ffn_expansion)
+      : name_(name) {
+    torch::nn::ModuleList list;
+    for (int64_t i = 0; i < depth; ++i) {
+      TransformerBlock block(dim, heads, ffn_expansion);
+      list->push_back(block);
+      blocks_.push_back(block);
+    }
+    owner.register_module(name, list);
+  }
+
+  torch::Tensor forward_with(const ParamView& p, torch::Tensor x) const {
+    const ParamView mine = p.sub(name_);
+    for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i]->forward_with(mine.sub(std::to_string(i)), x);
+    return x;
+  }
+
+ private:
+  std::string name_;
+  std::vector<TransformerBlock> blocks_;
+};
+
+}  // namespace tdfusion::nn
