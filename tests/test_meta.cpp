@@ -1,1 +1,275 @@
+// The bilevel optimiser: exact hypergradients, the second-order pitfall, fast weights, snapshots, training.
 #include <doctest/doctest.h>
+
+#include "tdfusion/fusion/light_fusion.hpp"
+#include "tdfusion/fusion/refusion.hpp"
+#include "tdfusion/lossgen/fixed_weights.hpp"
+#include "tdfusion/lossgen/lpn.hpp"
+#include "tdfusion/meta/bilevel_optimizer.hpp"
+#include "tdfusion/data/synthetic_scenes.hpp"
+#include "tdfusion/task/segmentation.hpp"
+
+#include <cmath>
+#include <filesystem>
+
+#include <unistd.h>
+
+namespace {
+
+using namespace tdfusion;
+using SegBatch = data::PairBatch<torch::Tensor>;
+
+/// A small deterministic batch: a bright "warm" square visible in ir only, a texture in vi only.
+SegBatch tiny_batch(int64_t size, uint64_t seed, torch::Dtype dtype) {
+  torch::manual_seed(seed);
+  SegBatch b;
+  b.ir = torch::rand({1, 1, size, size}, dtype) * 0.3;
+  b.vi = torch::rand({1, 1, size, size}, dtype) * 0.3;
+  b.ir.slice(2, 1, size / 2).slice(3, 1, size / 2) += 0.6;
+  b.vi.slice(2, size / 2, size - 1).slice(3, size / 2, size - 1) += 0.5 * torch::rand({size / 2 - 1, size / 2 - 1}, dtype);
+  b.target = torch::zeros({1, size, size}, torch::kLong);
+  b.target.slice(1, 1, size / 2).slice(2, 1, size / 2) = 1;
+  b.target.slice(1, size / 2, size - 1).slice(2, size / 2, size - 1) = 2;
+  b.ir_crop = b.ir.slice(2, 0, size - 2).slice(3, 2, size).contiguous();
+  b.vi_crop = b.vi.slice(2, 0, size - 2).slice(3, 2, size).contiguous();
+  return b;
+}
+
+std::vector<torch::Tensor> snapshot(const std::vector<torch::Tensor>& tensors) {
+  std::vector<torch::Tensor> copies;
+  for (const auto& t : tensors) copies.push_back(t.detach().clone());
+  return copies;
+}
+
+bool all_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (!torch::equal(a[i], b[i])) return false;
+  return true;
+}
+
+/// Compares the analytic hypergradient dL_task/dphi with central finite differences in double precision,
+/// along the best-conditioned directions: the normalised gradient itself and the unit vectors of its
+/// `coordinates` largest entries. (Random directions give derivatives so small against the objective that
+/// round-off dominates the difference quotient.) Returns the worst relative error.
+template <class Trainer>
+double hypergradient_error(Trainer& trainer, const SegBatch& train, const SegBatch& test, int coordinates) {
+  const auto phi = trainer.loss_generator()->parameters();
+  const auto grads = gradients(trainer.meta_objective(train, test), phi);
+  std::vector<torch::Tensor> flat;
+  for (const auto& g : grads) flat.push_back(g.flatten());
+  const torch::Tensor all = torch::cat(flat);
+  REQUIRE(all.abs().max().item<double>() > 0.0);  // the check would be empty without a gradient
+
+  std::vector<torch::Tensor> directions{all / all.norm()};
+  const torch::Tensor top = std::get<1>(all.abs().topk(coordinates));
+  for (int64_t i = 0; i < coordinates; ++i) {
+    directions.push_back(torch::zeros_like(all));
+    directions.back()[top[i].item<int64_t>()] = 1.0;
+  }
+  double worst = 0.0;
+  for (const auto& dir : directions) {
+    const double analytic = (all * dir).sum().item<double>();
+    auto shift = [&](double s) {
+      torch::NoGradGuard no_grad;
+      int64_t offset = 0;
+      for (const auto& p : phi) {
+        p.add_(dir.narrow(0, offset, p.numel()).view_as(p), s);
+        offset += p.numel();
+      }
+    };
+    const double h = 1e-5;
+    shift(h);
+    const double plus = trainer.meta_objective(train, test).template item<double>();
+    shift(-2 * h);
+    const double minus = trainer.meta_objective(train, test).template item<double>();
+    shift(h);
+    const double numeric = (plus - minus) / (2 * h);
+    MESSAGE("directional derivative: analytic " << analytic << ", finite difference " << numeric);
+    worst = std::max(worst, std::abs(analytic - numeric) / std::abs(numeric));
+  }
+  return worst;
+}
+
+meta::BilevelOptions double_options() {
+  return meta::BilevelOptions().dtype(torch::kFloat64).inner_lr(0.5).task_lookahead(false);
+}
+
+}  // namespace
+
+TEST_CASE("hypergradient of ReFusion + LPN + SegFormer matches finite differences in double precision") {
+  torch::manual_seed(1);
+  task::SegFormerOptions seg;
+  seg.num_classes(3);
+  meta::BilevelOptimizer<fusion::ReFusion, lossgen::Lpn, task::SegFormer> trainer(
+      fusion::ReFusion(), lossgen::Lpn(), task::SegFormer(seg), double_options());
+  const auto train = tiny_batch(32, 1, torch::kFloat64), test = tiny_batch(32, 2, torch::kFloat64);
+  CHECK(hypergradient_error(trainer, train, test, 3) < 1e-4);
+}
+
+TEST_CASE("hypergradient of the light policies matches finite differences in double precision") {
+  torch::manual_seed(2);
+  task::SmallSegNetOptions seg;
+  seg.num_classes(3);
+  meta::BilevelOptimizer<fusion::LightFusion, lossgen::Lpn, task::SmallSegNet> trainer(
+      fusion::LightFusion(), lossgen::Lpn(), task::SmallSegNet(seg), double_options());
+  const auto train = tiny_batch(16, 3, torch::kFloat64), test = tiny_batch(16, 4, torch::kFloat64);
+  CHECK(hypergradient_error(trainer, train, test, 4) < 1e-4);
+}
+
+TEST_CASE("a meta step changes the loss generator only through second-order terms") {
+  auto run = [](bool second_order) {
+    torch::manual_seed(3);
+    task::SmallSegNetOptions seg;
+    seg.num_classes(3);
+    meta::BilevelOptimizer<fusion::LightFusion, lossgen::Lpn, task::SmallSegNet> trainer(
+        fusion::LightFusion(), lossgen::Lpn(), task::SmallSegNet(seg),
+        meta::BilevelOptions().second_order(second_order).inner_lr(0.1).meta_lr(0.01));
+    const auto before = snapshot(trainer.loss_generator()->parameters());
+    const auto fusion_before = snapshot(trainer.fusion()->parameters());
+    const auto task_before = snapshot(trainer.task()->parameters());
+    const auto report = trainer.meta_step(tiny_batch(16, 5, torch::kFloat32), tiny_batch(16, 6, torch::kFloat32));
+    // Fast weights are never written into the fusion network; the task network's look-ahead is undone.
+    CHECK(all_equal(fusion_before, trainer.fusion()->parameters()));
+    CHECK(all_equal(task_before, trainer.task()->parameters()));
+    return std::make_pair(all_equal(before, trainer.loss_generator()->parameters()), report.hypergradient_max);
+  };
+  const auto [unchanged_second, grad_second] = run(true);
+  CHECK_FALSE(unchanged_second);
+  CHECK(grad_second > 0.0);
+  const auto [unchanged_first, grad_first] = run(false);
+  CHECK(unchanged_first);  // the first-order shortcut gives G no gradient at all
+  CHECK(grad_first == 0.0);
+}
+
+TEST_CASE("fast weights are new tensors; the weights they come from are untouched") {
+  torch::manual_seed(4);
+  fusion::LightFusion net;
+  const ParamDict theta = net->named_parameters();
+  std::vector<torch::Tensor> grads;
+  std::vector<int64_t> versions;
+  for (const auto& item : theta) {
+    grads.push_back(torch::ones_like(item.value()));
+    versions.push_back(item.value()._version());
+  }
+  const auto before = snapshot(theta.values());
+  const ParamDict fast = meta::SgdFastWeights().fast_weights(theta, grads, 0.25);
+  REQUIRE(fast.size() == theta.size());
+  for (size_t i = 0; i < theta.size(); ++i) {
+    CHECK(fast[i].key() == theta[i].key());
+    CHECK(!fast[i].value().is_same(theta[i].value()));
+    CHECK(theta[i].value()._version() == versions[i]);
+    CHECK(torch::allclose(fast[i].value(), before[i] - 0.25));
+  }
+}
+
+TEST_CASE("the task network's snapshot survives a look-ahead with batch-norm buffers") {
+  torch::manual_seed(5);
+  task::SegFormerOptions seg;
+  seg.num_classes(3);
+  meta::BilevelOptimizer<fusion::LightFusion, lossgen::Lpn, task::SegFormer> trainer(
+      fusion::LightFusion(), lossgen::Lpn(), task::SegFormer(seg),
+      meta::BilevelOptions().task_lr(1e-2));
+  const auto params = snapshot(trainer.task()->parameters());
+  const auto buffers = snapshot(trainer.task()->buffers());
+  trainer.meta_step(tiny_batch(32, 7, torch::kFloat32), tiny_batch(32, 8, torch::kFloat32));
+  CHECK(all_equal(params, trainer.task()->parameters()));
+  CHECK(all_equal(buffers, trainer.task()->buffers()));
+}
+
+TEST_CASE("bad batches fail with clear messages") {
+  meta::BilevelOptimizer<fusion::LightFusion, lossgen::FixedWeights, task::SmallSegNet> trainer{
+      fusion::LightFusion(), lossgen::FixedWeights(), task::SmallSegNet()};
+  auto expect_error = [&](SegBatch batch, const std::string& fragment) {
+    try {
+      trainer.train_step(batch);
+      FAIL("no error for a batch with ", fragment);
+    } catch (const c10::Error& e) {
+      CHECK_MESSAGE(std::string(e.what()).find(fragment) != std::string::npos, e.what());
+    }
+  };
+  const SegBatch good = tiny_batch(16, 9, torch::kFloat32);
+  SegBatch b = good;
+  b.vi = torch::rand({1, 1, 16, 15});
+  expect_error(b, "differ in size");
+  b = good;
+  b.ir = torch::rand({1, 3, 16, 16});
+  expect_error(b, "must have 1 channel");
+  b = good;
+  b.vi_crop = good.vi_crop.clone();
+  b.vi_crop[0][0][3][3] = std::nan("");
+  expect_error(b, "NaN or infinite");
+  b = good;
+  b.ir = torch::rand({0, 1, 16, 16});
+  b.vi = torch::rand({0, 1, 16, 16});
+  expect_error(b, "empty batch");
+  CHECK_THROWS_WITH_AS(trainer.meta_step(good, good), doctest::Contains("nothing to meta-learn"), c10::Error);
+}
+
+namespace {
+
+using LightTrainer = meta::BilevelOptimizer<fusion::LightFusion, lossgen::Lpn, task::SmallSegNet>;
+
+data::SyntheticScenes small_scenes() {
+  return data::SyntheticScenes(data::SyntheticScenesOptions().count(8).scene_height(48).scene_width(48)
+                                   .task_height(48).task_width(48).crop_size(40).seed(3));
+}
+
+LightTrainer light_trainer(meta::BilevelOptions options) {
+  torch::manual_seed(11);
+  return LightTrainer(fusion::LightFusion(), lossgen::Lpn(),
+                      task::SmallSegNet(task::SmallSegNetOptions().num_classes(data::kSceneClasses)),
+                      options.fusion_lr(3e-3).task_lr(3e-3).meta_lr(1e-3).meta_steps_per_epoch(2).seed(5));
+}
+
+}  // namespace
+
+TEST_CASE("a short CPU training run on synthetic scenes lowers the task loss and the fusion loss") {
+  LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(6));
+  std::vector<meta::EpochReport> epochs;
+  int64_t meta_steps = 0;
+  trainer.fit(small_scenes(), [&](const meta::EpochReport& r) { epochs.push_back(r); },
+              [&](const meta::MetaStepReport&) { ++meta_steps; });
+  REQUIRE(epochs.size() == 6);
+  CHECK(meta_steps == 12);
+  MESSAGE("task loss " << epochs.front().task_loss << " -> " << epochs.back().task_loss << ", fusion loss "
+                       << epochs.front().fusion_loss << " -> " << epochs.back().fusion_loss);
+  CHECK(epochs.back().task_loss < 0.8 * epochs.front().task_loss);
+  CHECK(epochs.back().fusion_loss < 0.8 * epochs.front().fusion_loss);
+}
+
+TEST_CASE("a callback returning true stops training early") {
+  LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(5));
+  int64_t calls = 0;
+  trainer.fit(small_scenes(), [&](const meta::TrainStepReport&) { return ++calls == 3; });
+  CHECK(calls == 3);
+  CHECK(trainer.epoch() == 0);  // the interrupted epoch does not count
+}
+
+TEST_CASE("resuming from a checkpoint continues the same run") {
+  const auto dir = std::filesystem::temp_directory_path() / ("tdfusion_resume_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "run.ckpt").string();
+
+  LightTrainer straight = light_trainer(meta::BilevelOptions().epochs(2));
+  straight.fit(small_scenes());
+
+  LightTrainer first = light_trainer(meta::BilevelOptions().epochs(1).checkpoint_path(path));
+  first.fit(small_scenes());
+  REQUIRE(std::filesystem::exists(path));
+  LightTrainer resumed = light_trainer(meta::BilevelOptions().epochs(2));
+  resumed.load(path);
+  CHECK(resumed.epoch() == 1);
+  CHECK(resumed.sample_counter() == first.sample_counter());
+  resumed.fit(small_scenes());
+
+  auto close = [](const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+    for (size_t i = 0; i < a.size(); ++i)
+      if (!torch::allclose(a[i], b[i], 1e-5, 1e-7)) return false;
+    return a.size() == b.size();
+  };
+  CHECK(close(straight.fusion()->parameters(), resumed.fusion()->parameters()));
+  CHECK(close(straight.loss_generator()->parameters(), resumed.loss_generator()->parameters()));
+  CHECK(close(straight.task()->parameters(), resumed.task()->parameters()));
+  std::filesystem::remove_all(dir);
+}

@@ -1,0 +1,148 @@
+#pragma once
+// BilevelOptimizer: the alternating bilevel optimisation of TDFusion (spec section 3), composed at compile
+// time from a fusion policy F(theta), a loss-generator policy G(phi), a task policy T(psi) and two update
+// policies of its own.
+//
+// Per epoch:
+//   Phase A (meta_steps_per_epoch steps, skipped when G has no parameters), on consecutive batches
+//   (meta-train, meta-test):
+//     1. snapshot T; look-ahead Adam step of T on T(F_theta(meta-train).detach())
+//     2. inner:  L_f(F_theta(crop), G_phi(crop)); theta' = InnerUpdate(theta, dL_f/dtheta) with create_graph,
+//                so theta' is a differentiable function of phi
+//     3. outer:  L_task = T(F_theta'(meta-test)); g = dL_task/dphi (second order, through theta');
+//                phi <- OuterUpdate(phi, g); restore T's snapshot
+//   Phase B (one pass over the data, G frozen):
+//     4. Adam step of F on L_f(F_theta(crop), G_phi(crop).detach())
+//     5. Adam step of T on T(F_theta(image).detach())
+//   StepLR on F's and T's learning rates; beta (inner and G step) follows F's current rate by default.
+//
+// Usage:
+//   using Trainer = tdfusion::meta::BilevelOptimizer<fusion::ReFusion, lossgen::Lpn, task::SegFormer>;
+//   Trainer trainer(fusion::ReFusion(), lossgen::Lpn(), task::SegFormer(), BilevelOptions().epochs(2));
+//   trainer.fit(dataset, meta::PrintLosses(std::cout));
+//
+// A dataset is any object with `size_t size() const` and `PairBatch<Target> get(uint64_t counter) const`:
+// the optimiser draws samples with an ever-increasing counter (saved in checkpoints), so a dataset that
+// derives its randomness from the counter makes runs reproducible and resumable.
+
+#include "tdfusion/core/autograd.hpp"
+#include "tdfusion/core/param_view.hpp"
+#include "tdfusion/core/traits.hpp"
+#include "tdfusion/data/pair_batch.hpp"
+#include "tdfusion/io/checkpoint.hpp"
+#include "tdfusion/loss/fusion_loss.hpp"
+#include "tdfusion/meta/callbacks.hpp"
+#include "tdfusion/meta/options.hpp"
+#include "tdfusion/meta/update_policies/max_normalized_sgd.hpp"
+#include "tdfusion/meta/update_policies/sgd_fast_weights.hpp"
+
+#include <torch/torch.h>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace tdfusion::meta {
+
+namespace detail {
+template <class T, class = void>
+struct is_inner_update : std::false_type {};
+template <class T>
+struct is_inner_update<T, std::void_t<decltype(std::declval<const T&>().fast_weights(
+                              std::declval<const ParamDict&>(), std::declval<const std::vector<torch::Tensor>&>(),
+                              0.0))>>
+    : std::is_same<decltype(std::declval<const T&>().fast_weights(
+                       std::declval<const ParamDict&>(), std::declval<const std::vector<torch::Tensor>&>(), 0.0)),
+                   ParamDict> {};
+
+template <class T, class = void>
+struct is_outer_update : std::false_type {};
+template <class T>
+struct is_outer_update<T, std::void_t<decltype(std::declval<const T&>().step(
+                              std::declval<const std::vector<torch::Tensor>&>(),
+                              std::declval<const std::vector<torch::Tensor>&>(), 0.0))>> : std::true_type {};
+}  // namespace detail
+
+template <class FusionPolicy, class LossGeneratorPolicy, class TaskPolicy, class InnerUpdatePolicy = SgdFastWeights,
+          class OuterUpdatePolicy = MaxNormalizedSgd>
+class BilevelOptimizer {
+  static_assert(traits::check_fusion_policy<FusionPolicy>());
+  static_assert(traits::check_loss_generator_policy<LossGeneratorPolicy>());
+  static_assert(traits::check_task_policy<TaskPolicy>());
+  static_assert(detail::is_inner_update<InnerUpdatePolicy>::value,
+                "tdfusion: the inner update policy lacks `tdfusion::ParamDict fast_weights(const ParamDict& weights, "
+                "const std::vector<torch::Tensor>& grads, double lr) const`");
+  static_assert(detail::is_outer_update<OuterUpdatePolicy>::value,
+                "tdfusion: the outer update policy lacks `double step(const std::vector<torch::Tensor>& params, "
+                "const std::vector<torch::Tensor>& grads, double lr) const`");
+
+ public:
+  using Target = typename traits::impl_t<TaskPolicy>::Target;
+  using Batch = data::PairBatch<Target>;
+
+  /// Takes the three networks (holders share their modules with the caller) and moves them to
+  /// options.device() / options.dtype().
+  BilevelOptimizer(FusionPolicy fusion, LossGeneratorPolicy loss_generator, TaskPolicy task,
+                   BilevelOptions options = {}, InnerUpdatePolicy inner_update = {},
+                   OuterUpdatePolicy outer_update = {});
+
+  /// Phase A: one meta step on a meta-train and a meta-test batch. Updates G only (T is restored).
+  MetaStepReport meta_step(const Batch& meta_train, const Batch& meta_test);
+
+  /// Phase B: one Adam step of F (with G's frozen loss) and one of T.
+  TrainStepReport train_step(const Batch& batch);
+
+  /// Trains from the current epoch to options.epochs(); see the class comment for datasets and
+  /// callbacks.hpp for callbacks. Writes a checkpoint after every epoch when options.checkpoint_path() is set.
+  template <class Dataset, class... Callbacks>
+  void fit(const Dataset& dataset, Callbacks&&... callbacks);
+
+  /// The outer objective L_task(T(F_theta'(meta_test))) with theta' the inner step on meta_train, as a
+  /// differentiable function of G's parameters (no look-ahead, nothing updated). Used by meta_step; public
+  /// so that the hypergradient can be checked against finite differences.
+  torch::Tensor meta_objective(const Batch& meta_train, const Batch& meta_test);
+
+  /// Fuses a pair with the current fusion network (inference: no graph, eval mode).
+  torch::Tensor fuse(const torch::Tensor& ir, const torch::Tensor& vi);
+
+  /// Atomically writes / reads all three networks, both Adam states, the epoch and the sample counter.
+  void save(const std::string& path);
+  void load(const std::string& path);
+
+  FusionPolicy& fusion() { return fusion_; }
+  LossGeneratorPolicy& loss_generator() { return loss_generator_; }
+  TaskPolicy& task() { return task_; }
+  const BilevelOptions& options() const { return options_; }
+  int64_t epoch() const { return epoch_; }
+  uint64_t sample_counter() const { return sample_counter_; }
+  /// F's (and T's relative) learning rate of the current epoch after StepLR.
+  double learning_rate_factor() const;
+
+ private:
+  struct MetaLosses {
+    torch::Tensor inner_fusion_loss, outer_task_loss;
+  };
+  Batch prepare(const Batch& batch) const;
+  MetaLosses meta_losses(const Batch& prepared_train, const Batch& prepared_test);
+  void look_ahead(const Batch& prepared_train);
+  std::vector<torch::Tensor> task_state() const;
+  io::CheckpointState checkpoint_state();
+  std::vector<torch::Tensor> trainable(const torch::nn::Module& module) const;
+  void set_learning_rates();
+  double beta(double option) const { return option > 0.0 ? option : options_.fusion_lr() * learning_rate_factor(); }
+
+  FusionPolicy fusion_;
+  LossGeneratorPolicy loss_generator_;
+  TaskPolicy task_;
+  BilevelOptions options_;
+  InnerUpdatePolicy inner_update_;
+  OuterUpdatePolicy outer_update_;
+  torch::optim::Adam fusion_optimizer_;
+  torch::optim::Adam task_optimizer_;
+  int64_t epoch_ = 0;
+  uint64_t sample_counter_ = 0;
+};
+
+}  // namespace tdfusion::meta
+
+#include "tdfusion/meta/bilevel_optimizer_impl.hpp"

@@ -1,0 +1,250 @@
+#pragma once
+// Implementation of BilevelOptimizer; included at the bottom of bilevel_optimizer.hpp.
+
+#include <cmath>
+#include <utility>
+
+namespace tdfusion::meta {
+
+namespace detail {
+template <class Holder>
+Holder moved_to(Holder holder, const BilevelOptions& options) {
+  holder->to(options.device(), options.dtype());
+  return holder;
+}
+
+inline void check_loss_finite(const torch::Tensor& loss, const char* what, int64_t epoch, uint64_t counter) {
+  TORCH_CHECK(std::isfinite(loss.item<double>()), "tdfusion: the ", what, " is not finite (", loss.item<double>(),
+              ") at epoch ", epoch, ", sample ", counter,
+              "; training stopped before updating any weights (check the data and the learning rates)");
+}
+}  // namespace detail
+
+template <class F, class G, class T, class I, class O>
+BilevelOptimizer<F, G, T, I, O>::BilevelOptimizer(F fusion, G loss_generator, T task, BilevelOptions options,
+                                                  I inner_update, O outer_update)
+    : fusion_(detail::moved_to(std::move(fusion), options)),
+      loss_generator_(detail::moved_to(std::move(loss_generator), options)),
+      task_(detail::moved_to(std::move(task), options)),
+      options_(std::move(options)),
+      inner_update_(std::move(inner_update)),
+      outer_update_(std::move(outer_update)),
+      fusion_optimizer_(fusion_->parameters(), torch::optim::AdamOptions(options_.fusion_lr())),
+      task_optimizer_(task_->parameters(), torch::optim::AdamOptions(options_.task_lr())) {
+  TORCH_CHECK(options_.epochs() >= 0 && options_.meta_steps_per_epoch() >= 0,
+              "tdfusion: epochs and meta_steps_per_epoch must not be negative");
+  TORCH_CHECK(options_.fusion_lr() > 0 && options_.task_lr() > 0, "tdfusion: learning rates must be positive");
+  TORCH_CHECK(options_.lr_step_epochs() > 0, "tdfusion: lr_step_epochs must be positive");
+  TORCH_CHECK(!fusion_->parameters().empty(), "tdfusion: the fusion network has no parameters to train");
+}
+
+template <class F, class G, class T, class I, class O>
+double BilevelOptimizer<F, G, T, I, O>::learning_rate_factor() const {
+  return std::pow(options_.lr_gamma(), static_cast<double>(epoch_ / options_.lr_step_epochs()));
+}
+
+template <class F, class G, class T, class I, class O>
+void BilevelOptimizer<F, G, T, I, O>::set_learning_rates() {
+  const double factor = learning_rate_factor();
+  for (auto& group : fusion_optimizer_.param_groups())
+    static_cast<torch::optim::AdamOptions&>(group.options()).lr(options_.fusion_lr() * factor);
+  for (auto& group : task_optimizer_.param_groups())
+    static_cast<torch::optim::AdamOptions&>(group.options()).lr(options_.task_lr() * factor);
+}
+
+template <class F, class G, class T, class I, class O>
+typename BilevelOptimizer<F, G, T, I, O>::Batch BilevelOptimizer<F, G, T, I, O>::prepare(const Batch& batch) const {
+  Batch moved = batch.to(options_.device(), options_.dtype());
+  moved.check();
+  return options_.modality_swap() ? moved.with_modality_swap() : moved;
+}
+
+template <class F, class G, class T, class I, class O>
+std::vector<torch::Tensor> BilevelOptimizer<F, G, T, I, O>::trainable(const torch::nn::Module& module) const {
+  std::vector<torch::Tensor> params;
+  for (const auto& p : module.parameters())
+    if (p.requires_grad()) params.push_back(p);
+  return params;
+}
+
+template <class F, class G, class T, class I, class O>
+typename BilevelOptimizer<F, G, T, I, O>::MetaLosses BilevelOptimizer<F, G, T, I, O>::meta_losses(
+    const Batch& train, const Batch& test) {
+  // Inner: the fusion loss with G's (graph-carrying) weights, differentiated w.r.t. theta with create_graph.
+  const ParamDict theta = fusion_->named_parameters();
+  const torch::Tensor weights = loss_generator_->forward(train.ir_crop, train.vi_crop);
+  const torch::Tensor fused_crop = fusion_->forward_with(ParamView(theta), train.ir_crop, train.vi_crop);
+  MetaLosses losses;
+  losses.inner_fusion_loss =
+      loss::fusion_loss(fused_crop, train.ir_crop, train.vi_crop, weights, options_.gradient_weight()).total;
+  const std::vector<torch::Tensor> grads =
+      gradients(losses.inner_fusion_loss, theta.values(),
+                {/*retain_graph=*/true, /*create_graph=*/options_.second_order()});
+  const ParamDict fast = inner_update_.fast_weights(theta, grads, beta(options_.inner_lr()));
+  // Outer: the task loss of F with fast weights on a different batch.
+  const torch::Tensor fused = fusion_->forward_with(ParamView(fast), test.ir, test.vi);
+  losses.outer_task_loss = task_->loss(fused, test.target);
+  return losses;
+}
+
+template <class F, class G, class T, class I, class O>
+torch::Tensor BilevelOptimizer<F, G, T, I, O>::meta_objective(const Batch& meta_train, const Batch& meta_test) {
+  return meta_losses(prepare(meta_train), prepare(meta_test)).outer_task_loss;
+}
+
+template <class F, class G, class T, class I, class O>
+std::vector<torch::Tensor> BilevelOptimizer<F, G, T, I, O>::task_state() const {
+  std::vector<torch::Tensor> state = task_->parameters();
+  for (const auto& b : task_->buffers()) state.push_back(b);
+  return state;
+}
+
+template <class F, class G, class T, class I, class O>
+void BilevelOptimizer<F, G, T, I, O>::look_ahead(const Batch& train) {
+  torch::Tensor fused;
+  {
+    torch::NoGradGuard no_grad;
+    fused = fusion_->forward(train.ir, train.vi);
+  }
+  const torch::Tensor loss = task_->loss(fused, train.target);
+  detail::check_loss_finite(loss, "look-ahead task loss", epoch_, sample_counter_);
+  task_optimizer_.zero_grad();
+  loss.backward();
+  task_optimizer_.step();
+}
+
+template <class F, class G, class T, class I, class O>
+MetaStepReport BilevelOptimizer<F, G, T, I, O>::meta_step(const Batch& meta_train, const Batch& meta_test) {
+  const Batch train = prepare(meta_train), test = prepare(meta_test);
+  // Snapshot T's weights (and buffers); the look-ahead step and the outer pass must leave no trace on them.
+  std::vector<torch::Tensor> snapshot;
+  for (const auto& t : task_state()) snapshot.push_back(t.detach().clone());
+  if (options_.task_lookahead()) look_ahead(train);
+
+  const MetaLosses losses = meta_losses(train, test);
+  detail::check_loss_finite(losses.outer_task_loss, "outer task loss", epoch_, sample_counter_);
+  const std::vector<torch::Tensor> phi = trainable(*loss_generator_);
+  TORCH_CHECK(!phi.empty(), "tdfusion: the loss generator has no trainable parameters: there is nothing to meta-learn");
+  const std::vector<torch::Tensor> hypergrad = gradients(losses.outer_task_loss, phi);
+  MetaStepReport report;
+  report.hypergradient_max = outer_update_.step(phi, hypergrad, beta(options_.meta_lr()));
+
+  {
+    torch::NoGradGuard no_grad;
+    const std::vector<torch::Tensor> state = task_state();
+    for (size_t i = 0; i < state.size(); ++i) state[i].copy_(snapshot[i]);
+  }
+  task_optimizer_.zero_grad();
+  report.epoch = epoch_;
+  report.fusion_loss = losses.inner_fusion_loss.template item<double>();
+  report.task_loss = losses.outer_task_loss.template item<double>();
+  return report;
+}
+
+template <class F, class G, class T, class I, class O>
+TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
+  const Batch batch = prepare(raw);
+  TrainStepReport report;
+  report.epoch = epoch_;
+
+  torch::Tensor weights;
+  {
+    torch::NoGradGuard no_grad;
+    weights = loss_generator_->forward(batch.ir_crop, batch.vi_crop);
+  }
+  const torch::Tensor fused_crop = fusion_->forward(batch.ir_crop, batch.vi_crop);
+  const torch::Tensor fusion_loss =
+      loss::fusion_loss(fused_crop, batch.ir_crop, batch.vi_crop, weights, options_.gradient_weight()).total;
+  detail::check_loss_finite(fusion_loss, "fusion loss", epoch_, sample_counter_);
+  fusion_optimizer_.zero_grad();
+  fusion_loss.backward();
+  fusion_optimizer_.step();
+  report.fusion_loss = fusion_loss.item<double>();
+
+  torch::Tensor fused;
+  {
+    torch::NoGradGuard no_grad;
+    fused = fusion_->forward(batch.ir, batch.vi);
+  }
+  const torch::Tensor task_loss = task_->loss(fused, batch.target);
+  detail::check_loss_finite(task_loss, "task loss", epoch_, sample_counter_);
+  task_optimizer_.zero_grad();
+  task_loss.backward();
+  task_optimizer_.step();
+  report.task_loss = task_loss.item<double>();
+  return report;
+}
+
+template <class F, class G, class T, class I, class O>
+template <class Dataset, class... Callbacks>
+void BilevelOptimizer<F, G, T, I, O>::fit(const Dataset& dataset, Callbacks&&... callbacks) {
+  static_assert(std::is_same_v<decltype(dataset.get(uint64_t{0})), Batch>,
+                "tdfusion: the dataset lacks `PairBatch<Target> get(uint64_t counter) const` for this task's Target");
+  const auto size = static_cast<int64_t>(dataset.size());
+  TORCH_CHECK(size > 0, "tdfusion: the training dataset is empty");
+  const bool learn_loss = !trainable(*loss_generator_).empty();
+  fusion_->train();
+  task_->train();
+  while (epoch_ < options_.epochs()) {
+    torch::manual_seed(options_.seed() + static_cast<uint64_t>(epoch_));
+    set_learning_rates();
+    bool stop = false;
+    for (int64_t step = 0; learn_loss && step < options_.meta_steps_per_epoch() && !stop; ++step) {
+      const Batch meta_train = dataset.get(sample_counter_++);
+      const Batch meta_test = dataset.get(sample_counter_++);
+      MetaStepReport report = meta_step(meta_train, meta_test);
+      report.step = step;
+      stop = notify(report, callbacks...);
+    }
+    EpochReport epoch_report;
+    epoch_report.epoch = epoch_;
+    epoch_report.learning_rate = options_.fusion_lr() * learning_rate_factor();
+    for (int64_t step = 0; step < size && !stop; ++step) {
+      TrainStepReport report = train_step(dataset.get(sample_counter_++));
+      report.step = step;
+      epoch_report.fusion_loss += report.fusion_loss / static_cast<double>(size);
+      epoch_report.task_loss += report.task_loss / static_cast<double>(size);
+      stop = notify(report, callbacks...);
+    }
+    if (stop) return;  // an interrupted epoch is not counted and not checkpointed
+    ++epoch_;
+    if (!options_.checkpoint_path().empty()) save(options_.checkpoint_path());
+    if (notify(epoch_report, callbacks...)) return;
+  }
+}
+
+template <class F, class G, class T, class I, class O>
+torch::Tensor BilevelOptimizer<F, G, T, I, O>::fuse(const torch::Tensor& ir, const torch::Tensor& vi) {
+  check_pair(ir, vi);
+  torch::NoGradGuard no_grad;
+  const bool was_training = fusion_->is_training();
+  fusion_->eval();
+  const torch::Tensor fused = fusion_->forward(ir.to(options_.device(), options_.dtype()),
+                                               vi.to(options_.device(), options_.dtype()));
+  fusion_->train(was_training);
+  return fused;
+}
+
+template <class F, class G, class T, class I, class O>
+io::CheckpointState BilevelOptimizer<F, G, T, I, O>::checkpoint_state() {
+  io::CheckpointState state;
+  state.modules = {{"fusion", fusion_.ptr()}, {"loss_generator", loss_generator_.ptr()}, {"task", task_.ptr()}};
+  state.optimizers = {{"fusion_optimizer", &fusion_optimizer_}, {"task_optimizer", &task_optimizer_}};
+  state.counters = {{"epoch", epoch_}, {"sample_counter", static_cast<int64_t>(sample_counter_)}};
+  return state;
+}
+
+template <class F, class G, class T, class I, class O>
+void BilevelOptimizer<F, G, T, I, O>::save(const std::string& path) {
+  io::save_checkpoint(path, checkpoint_state());
+}
+
+template <class F, class G, class T, class I, class O>
+void BilevelOptimizer<F, G, T, I, O>::load(const std::string& path) {
+  io::CheckpointState state = checkpoint_state();
+  io::load_checkpoint(path, state);
+  epoch_ = state.counters.at("epoch");
+  sample_counter_ = static_cast<uint64_t>(state.counters.at("sample_counter"));
+}
+
+}  // namespace tdfusion::meta
