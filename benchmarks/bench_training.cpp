@@ -86,13 +86,20 @@ void sizes(benchmark::internal::Benchmark* b) {
 
 }  // namespace
 
+void BM_PlainStep_ReFusion(benchmark::State& state) { BM_PlainStep<fusion::ReFusion>(state, "ReFusion"); }
+void BM_PlainStep_LightFusion(benchmark::State& state) { BM_PlainStep<fusion::LightFusion>(state, "LightFusion"); }
+void BM_MetaStep_ReFusion(benchmark::State& state) { BM_MetaStep<fusion::ReFusion>(state, "ReFusion"); }
+void BM_MetaStep_LightFusion(benchmark::State& state) { BM_MetaStep<fusion::LightFusion>(state, "LightFusion"); }
+void BM_Fuse_ReFusion(benchmark::State& state) { BM_Fuse<fusion::ReFusion>(state); }
+void BM_Fuse_LightFusion(benchmark::State& state) { BM_Fuse<fusion::LightFusion>(state); }
+
 // Plain steps are registered first so that the meta-step ratios find them.
-BENCHMARK_CAPTURE(BM_PlainStep<fusion::ReFusion>, ReFusion, std::string("ReFusion"))->Apply(sizes);
-BENCHMARK_CAPTURE(BM_PlainStep<fusion::LightFusion>, LightFusion, std::string("LightFusion"))->Apply(sizes);
-BENCHMARK_CAPTURE(BM_MetaStep<fusion::ReFusion>, ReFusion, std::string("ReFusion"))->Apply(sizes);
-BENCHMARK_CAPTURE(BM_MetaStep<fusion::LightFusion>, LightFusion, std::string("LightFusion"))->Apply(sizes);
-BENCHMARK_TEMPLATE(BM_Fuse, fusion::ReFusion)->Apply(sizes);
-BENCHMARK_TEMPLATE(BM_Fuse, fusion::LightFusion)->Apply(sizes);
+BENCHMARK(BM_PlainStep_ReFusion)->Apply(sizes);
+BENCHMARK(BM_PlainStep_LightFusion)->Apply(sizes);
+BENCHMARK(BM_MetaStep_ReFusion)->Apply(sizes);
+BENCHMARK(BM_MetaStep_LightFusion)->Apply(sizes);
+BENCHMARK(BM_Fuse_ReFusion)->Apply(sizes);
+BENCHMARK(BM_Fuse_LightFusion)->Apply(sizes);
 
 int main(int argc, char** argv) {
   // Debian's LibTorch may start with a single intra-op thread; use every core.

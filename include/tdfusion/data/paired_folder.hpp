@@ -5,7 +5,7 @@
 // validated up front, so a broken data set fails before training starts rather than hours into it.
 
 #include "tdfusion/data/pair_batch.hpp"
-#include "tdfusion/data/synthetic_scenes.hpp"
+#include "tdfusion/data/sampling.hpp"
 #include "tdfusion/io/image.hpp"
 
 #include <torch/torch.h>
@@ -181,27 +181,13 @@ class PairedFolder {
       labels = torch::zeros({height, width}, torch::kLong);
     }
 
-    detail::SceneRng rng(detail::mix_seed(detail::splitmix64(options_.seed() ^ 0xF01DE5ull), counter));
-    const bool flip = options_.flip() && rng.bernoulli(0.5);
-    const int64_t crop_h = std::min(options_.crop_size(), height), crop_w = std::min(options_.crop_size(), width);
-    const int64_t y0 = rng.integer(0, height - crop_h), x0 = rng.integer(0, width - crop_w);
+    detail::SampleRng rng(detail::mix_seed(detail::splitmix64(options_.seed() ^ 0xF01DE5ull), counter));
+    return segmentation_sample(ir, vi, labels, geometry(), rng);
+  }
 
-    ir = ir.unsqueeze(0);
-    vi = vi.unsqueeze(0);
-    labels = labels.unsqueeze(0);
-    if (flip) {
-      ir = ir.flip({-1});
-      vi = vi.flip({-1});
-      labels = labels.flip({-1});
-    }
-    auto crop = [&](const torch::Tensor& image) {
-      return image.narrow(2, y0, crop_h).narrow(3, x0, crop_w).contiguous();
-    };
-    const int64_t task_h = options_.task_height() > 0 ? options_.task_height() : height;
-    const int64_t task_w = options_.task_width() > 0 ? options_.task_width() : width;
-    return {detail::resize_images(ir, task_h, task_w).contiguous(),
-            detail::resize_images(vi, task_h, task_w).contiguous(),
-            detail::resize_labels(labels, task_h, task_w).contiguous(), crop(ir), crop(vi)};
+  /// How get() samples: task size, crop size and flips of the options.
+  SampleGeometry geometry() const {
+    return SampleGeometry{options_.task_height(), options_.task_width(), options_.crop_size(), options_.flip()};
   }
 
   const std::string& root() const { return root_; }

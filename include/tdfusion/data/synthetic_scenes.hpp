@@ -6,6 +6,7 @@
 // in infrared. A fused image must keep both to segment both classes well.
 
 #include "tdfusion/data/pair_batch.hpp"
+#include "tdfusion/data/sampling.hpp"
 
 #include <torch/torch.h>
 
@@ -44,76 +45,6 @@ struct SyntheticSceneOptions {
   TORCH_ARG(double, night_vi_noise) = 0.04;    ///< ... and by night
 };
 
-namespace detail {
-
-inline constexpr double kPi = 3.14159265358979323846;
-
-inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-/// Derives an independent seed from a seed and a stream / item id.
-inline uint64_t mix_seed(uint64_t seed, uint64_t stream) {
-  return splitmix64(splitmix64(seed) ^ splitmix64(stream + 0x632BE59BD9B4E019ull));
-}
-
-/// A local random stream. The distributions are written out because the standard library's are
-/// implementation-defined: this gives the same draws with every compiler and LibTorch version.
-class SceneRng {
- public:
-  explicit SceneRng(uint64_t seed) : engine_(seed) {}
-
-  double uniform() { return static_cast<double>(engine_() >> 11) * 0x1.0p-53; }  ///< [0, 1)
-  double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
-  int64_t integer(int64_t lo, int64_t hi) {  ///< inclusive range
-    return std::min(hi, lo + static_cast<int64_t>(uniform() * static_cast<double>(hi - lo + 1)));
-  }
-  bool bernoulli(double p) { return uniform() < p; }
-
-  /// rows x cols standard normal draws (Box-Muller), scaled by `stddev`.
-  torch::Tensor normal(int64_t rows, int64_t cols, double stddev) {
-    std::vector<float> values(static_cast<size_t>(rows * cols));
-    for (size_t i = 0; i < values.size(); i += 2) {
-      const double radius = std::sqrt(-2.0 * std::log(1.0 - uniform()));  // 1 - u is in (0, 1]
-      const double angle = 2.0 * kPi * uniform();
-      values[i] = static_cast<float>(stddev * radius * std::cos(angle));
-      if (i + 1 < values.size()) values[i + 1] = static_cast<float>(stddev * radius * std::sin(angle));
-    }
-    return torch::from_blob(values.data(), {rows, cols}, torch::kFloat).clone();
-  }
-
- private:
-  std::mt19937_64 engine_;  // its output sequence is fixed by the standard
-};
-
-/// Bilinear resize (align_corners=false) of an N x C x H x W batch; a no-op at the same size.
-inline torch::Tensor resize_images(const torch::Tensor& images, int64_t height, int64_t width) {
-  if (images.size(2) == height && images.size(3) == width) return images;
-  namespace F = torch::nn::functional;
-  return F::interpolate(images, F::InterpolateFuncOptions()
-                                    .size(std::vector<int64_t>{height, width})
-                                    .mode(torch::kBilinear)
-                                    .align_corners(false));
-}
-
-/// Nearest resize of an N x H x W label map, sampling at output pixel centres (PyTorch's "nearest-exact",
-/// which lines up with bilinear align_corners=false). Works on integer labels directly.
-inline torch::Tensor resize_labels(const torch::Tensor& labels, int64_t height, int64_t width) {
-  if (labels.size(1) == height && labels.size(2) == width) return labels;
-  auto source_index = [](int64_t out, int64_t in) {
-    return ((torch::arange(out, torch::kDouble) + 0.5) * (static_cast<double>(in) / static_cast<double>(out)))
-        .floor()
-        .clamp_max(static_cast<double>(in - 1))
-        .to(torch::kLong);
-  };
-  return labels.index_select(1, source_index(height, labels.size(1)))
-      .index_select(2, source_index(width, labels.size(2)));
-}
-
-}  // namespace detail
 
 /// Renders one scene. A pure function of its arguments: the same arguments give the same scene (on a
 /// given build and CPU), and the global random generators are neither used nor advanced.
@@ -133,7 +64,7 @@ inline SyntheticScene make_synthetic_scene(int64_t height, int64_t width, uint64
   TORCH_CHECK(options.ir_noise() >= 0 && options.day_vi_noise() >= 0 && options.night_vi_noise() >= 0,
               "tdfusion: synthetic scene noise levels must be non-negative");
 
-  detail::SceneRng rng(detail::mix_seed(seed, 0x5CE7E));
+  detail::SampleRng rng(detail::mix_seed(seed, 0x5CE7E));
   const double h = static_cast<double>(height), w = static_cast<double>(width), extent = std::min(h, w);
   // Pixel-centre coordinates; broadcasting them gives H x W fields.
   const torch::Tensor ys = (torch::arange(height, torch::kFloat) + 0.5).view({height, 1});
@@ -290,24 +221,13 @@ class SyntheticScenes {
   /// of them; the crop offset is drawn in the flipped image.
   PairBatch<torch::Tensor> get(uint64_t counter) const {
     const SyntheticScene s = scene(static_cast<size_t>(counter % size()));
-    detail::SceneRng rng(detail::mix_seed(detail::splitmix64(options_.seed() ^ 0xD8A3ull), counter));
-    const bool flip = options_.flip() && rng.bernoulli(0.5);
-    const int64_t height = options_.scene_height(), width = options_.scene_width();
-    const int64_t crop_h = std::min(options_.crop_size(), height), crop_w = std::min(options_.crop_size(), width);
-    const int64_t y0 = rng.integer(0, height - crop_h), x0 = rng.integer(0, width - crop_w);
+    detail::SampleRng rng(detail::mix_seed(detail::splitmix64(options_.seed() ^ 0xD8A3ull), counter));
+    return segmentation_sample(s.ir, s.vi, s.mask, geometry(), rng);
+  }
 
-    torch::Tensor ir = s.ir.unsqueeze(0), vi = s.vi.unsqueeze(0), mask = s.mask.unsqueeze(0);
-    if (flip) {
-      ir = ir.flip({-1});
-      vi = vi.flip({-1});
-      mask = mask.flip({-1});
-    }
-    auto crop = [&](const torch::Tensor& image) {
-      return image.narrow(2, y0, crop_h).narrow(3, x0, crop_w).contiguous();
-    };
-    const int64_t th = options_.task_height(), tw = options_.task_width();
-    return {detail::resize_images(ir, th, tw).contiguous(), detail::resize_images(vi, th, tw).contiguous(),
-            detail::resize_labels(mask, th, tw).contiguous(), crop(ir), crop(vi)};
+  /// How get() samples: task size, crop size and flips of the options.
+  SampleGeometry geometry() const {
+    return SampleGeometry{options_.task_height(), options_.task_width(), options_.crop_size(), options_.flip()};
   }
 
   const SyntheticScenesOptions& options() const { return options_; }
