@@ -6,6 +6,7 @@
 
 #include "tdfusion/data/pair_batch.hpp"
 #include "tdfusion/data/sampling.hpp"
+#include "tdfusion/data/yolo_labels.hpp"
 #include "tdfusion/io/image.hpp"
 
 #include <torch/torch.h>
@@ -31,6 +32,7 @@ struct PairedFolderOptions {
   TORCH_ARG(int64_t, task_height) = 0;  ///< task network input size; 0 x 0 keeps each image's own size
   TORCH_ARG(int64_t, task_width) = 0;
   TORCH_ARG(int64_t, crop_size) = 256;    ///< fusion crop side at full resolution, clamped to the image size
+  TORCH_ARG(std::string, label_dir) = "";  ///< the labels' folder; empty: root/label
   TORCH_ARG(int64_t, num_classes) = 0;    ///< label ids must be below this (needed when there are labels)
   TORCH_ARG(int64_t, ignore_label) = -1;  ///< label value passed through unchecked (e.g. 255); -1: none
   TORCH_ARG(uint64_t, seed) = 0;
@@ -52,23 +54,31 @@ inline bool is_image_file(const std::filesystem::path& path) {
 }
 
 /// stem -> path of the images in `directory`; rejects an empty folder and two files with one stem.
-inline std::map<std::string, std::string> scan_images(const std::filesystem::path& directory, const std::string& root) {
+inline bool is_text_file(const std::filesystem::path& path) {
+  const std::string name = path.filename().string();
+  return !name.empty() && name[0] != '.' && io::detail::lower_extension(name) == ".txt";
+}
+
+/// stem -> path of the images (or, with `text_files`, the .txt files) in `directory`; rejects an empty
+/// folder and two files with one stem.
+inline std::map<std::string, std::string> scan_files(const std::filesystem::path& directory,
+                                                     const std::string& context, bool text_files = false) {
   namespace fs = std::filesystem;
   std::error_code error;
-  TORCH_CHECK(fs::is_directory(directory, error), "tdfusion: PairedFolder '", root, "': folder '", directory.string(),
+  TORCH_CHECK(fs::is_directory(directory, error), "tdfusion: ", context, ": folder '", directory.string(),
               "' is missing");
   std::map<std::string, std::string> images;
   fs::directory_iterator entries(directory, error);
-  TORCH_CHECK(!error, "tdfusion: PairedFolder '", root, "': cannot list '", directory.string(), "': ", error.message());
+  TORCH_CHECK(!error, "tdfusion: ", context, ": cannot list '", directory.string(), "': ", error.message());
   for (const fs::directory_entry& entry : entries) {
-    if (!entry.is_regular_file() || !is_image_file(entry.path())) continue;
+    if (!entry.is_regular_file() || !(text_files ? is_text_file(entry.path()) : is_image_file(entry.path()))) continue;
     const std::string stem = entry.path().stem().string();
     const auto [where, inserted] = images.emplace(stem, entry.path().string());
-    TORCH_CHECK(inserted, "tdfusion: PairedFolder '", root, "': two files share the stem '", stem, "': '",
+    TORCH_CHECK(inserted, "tdfusion: ", context, ": two files share the stem '", stem, "': '",
                 where->second, "' and '", entry.path().string(), "'");
   }
-  TORCH_CHECK(!images.empty(), "tdfusion: PairedFolder '", root, "': folder '", directory.string(),
-              "' contains no images");
+  TORCH_CHECK(!images.empty(), "tdfusion: ", context, ": folder '", directory.string(),
+              "' contains no ", text_files ? "label files (.txt)" : "images");
   return images;
 }
 
@@ -97,19 +107,42 @@ inline std::pair<int64_t, int64_t> header_size(const std::string& path) {
 
 }  // namespace detail
 
-/// Infrared / visible pairs from `root/ir` and `root/vi`, with optional class-id label maps in `root/label`
-/// (single-channel PNG, pixel value = class id, as MSRS and FMB ship them). Pairs are sorted by stem.
+/// Pairs the images of two folders by file stem (extensions may differ), sorted by stem. An empty folder, two
+/// files with one stem, or an image without a partner is an error naming the files; `context` starts the
+/// message (e.g. the data set's name).
+inline std::vector<PairPaths> match_pairs(const std::string& ir_dir, const std::string& vi_dir,
+                                          const std::string& context) {
+  const auto ir = detail::scan_files(ir_dir, context);
+  const auto vi = detail::scan_files(vi_dir, context);
+  size_t ir_only = 0, vi_only = 0;
+  const std::string ir_list = detail::unmatched(ir, vi, &ir_only), vi_list = detail::unmatched(vi, ir, &vi_only);
+  TORCH_CHECK(ir_only == 0, "tdfusion: ", context, ": missing partner in ", vi_dir, " for ", ir_only,
+              " infrared image(s): ", ir_list);
+  TORCH_CHECK(vi_only == 0, "tdfusion: ", context, ": missing partner in ", ir_dir, " for ", vi_only,
+              " visible image(s): ", vi_list);
+  std::vector<PairPaths> pairs;
+  for (const auto& [stem, ir_path] : ir) pairs.push_back({stem, ir_path, vi.at(stem), std::string()});
+  return pairs;
+}
+
+/// Infrared / visible pairs from `root/ir` and `root/vi`, matched by file stem and sorted by stem, with
+/// optional labels in `root/label` (or options.label_dir()):
+/// - Target = torch::Tensor (`PairedFolder`): class-id maps, single-channel PNG with pixel value = class id
+///   (as MSRS and FMB ship them), the image's size;
+/// - Target = task::DetectionTarget (`DetectionFolder`): YOLO .txt files (class cx cy w h, normalised).
 ///
 /// `get(counter)` serves pair `counter % size()`: both images as luminance (`io::read_grey`), resized
 /// bilinearly (align_corners=false) to the task size, plus fusion crops cut at full resolution with the same
-/// offset in both. Labels are resized by nearest neighbour at pixel centres. Without labels the target is a
-/// zero map, so fusion-only training and detection-free setups still get a well-formed batch. A horizontal
-/// flip, when drawn, applies to images, crops and labels alike. The crop offset and the flip come from a
-/// local generator seeded with (seed, counter): the stream is reproducible, can be resumed at any counter,
-/// and never touches the global generators, so `get` may be called from several threads.
-class PairedFolder {
+/// offset in both. Label maps are resized by nearest neighbour at pixel centres; normalised boxes need no
+/// resize. Without labels the target is a zero map (or no boxes), so fusion-only setups still get a
+/// well-formed batch. A horizontal flip, when drawn, applies to images, crops and labels alike. The crop
+/// offset and the flip come from a local generator seeded with (seed, counter): the stream is reproducible,
+/// can be resumed at any counter, and never touches the global generators, so `get` may be called from
+/// several threads.
+template <class Target>
+class PairedFolderFor {
  public:
-  explicit PairedFolder(const std::string& root, PairedFolderOptions options = {})
+  explicit PairedFolderFor(const std::string& root, PairedFolderOptions options = {})
       : root_(root), options_(std::move(options)) {
     namespace fs = std::filesystem;
     TORCH_CHECK((options_.task_height() == 0) == (options_.task_width() == 0) && options_.task_height() >= 0 &&
@@ -122,42 +155,35 @@ class PairedFolder {
     std::error_code error;
     TORCH_CHECK(fs::is_directory(root_, error), "tdfusion: PairedFolder: '", root_, "' is not a directory");
 
-    const auto ir = detail::scan_images(fs::path(root_) / "ir", root_);
-    const auto vi = detail::scan_images(fs::path(root_) / "vi", root_);
-    size_t ir_only = 0, vi_only = 0;
-    const std::string ir_list = detail::unmatched(ir, vi, &ir_only), vi_list = detail::unmatched(vi, ir, &vi_only);
-    TORCH_CHECK(ir_only == 0, "tdfusion: PairedFolder '", root_, "': missing partner in vi/ for ", ir_only,
-                " infrared image(s): ", ir_list);
-    TORCH_CHECK(vi_only == 0, "tdfusion: PairedFolder '", root_, "': missing partner in ir/ for ", vi_only,
-                " visible image(s): ", vi_list);
+    const std::string context = "PairedFolder '" + root_ + "'";
+    pairs_ = match_pairs((fs::path(root_) / "ir").string(), (fs::path(root_) / "vi").string(), context);
 
-    const fs::path label_dir = fs::path(root_) / "label";
+    const fs::path label_dir = options_.label_dir().empty() ? fs::path(root_) / "label" : fs::path(options_.label_dir());
     const bool has_labels = fs::is_directory(label_dir, error);
-    TORCH_CHECK(has_labels || !options_.require_labels(), "tdfusion: PairedFolder '", root_,
-                "': labels are required but there is no folder '", label_dir.string(), "'");
-    std::map<std::string, std::string> labels;
+    TORCH_CHECK(has_labels || !options_.require_labels(), "tdfusion: ", context,
+                ": labels are required but there is no folder '", label_dir.string(), "'");
     if (has_labels) {
-      TORCH_CHECK(options_.num_classes() > 0, "tdfusion: PairedFolder '", root_,
-                  "' has labels, so it needs num_classes > 0, got ", options_.num_classes());
-      labels = detail::scan_images(label_dir, root_);
+      TORCH_CHECK(options_.num_classes() > 0, "tdfusion: ", context, " has labels, so it needs num_classes > 0, got ",
+                  options_.num_classes());
+      const auto labels = detail::scan_files(label_dir, context, /*text_files=*/kIsDetection<Target>);
+      std::map<std::string, std::string> stems;
+      for (const PairPaths& pair : pairs_) stems.emplace(pair.stem, pair.ir);
       size_t unlabelled = 0, orphans = 0;
-      const std::string unlabelled_list = detail::unmatched(ir, labels, &unlabelled);
-      const std::string orphan_list = detail::unmatched(labels, ir, &orphans);
-      TORCH_CHECK(unlabelled == 0, "tdfusion: PairedFolder '", root_, "': missing label in label/ for ", unlabelled,
-                  " pair(s): ", unlabelled_list);
-      TORCH_CHECK(orphans == 0, "tdfusion: PairedFolder '", root_, "': missing partner in ir/ and vi/ for ", orphans,
+      const std::string unlabelled_list = detail::unmatched(stems, labels, &unlabelled);
+      const std::string orphan_list = detail::unmatched(labels, stems, &orphans);
+      TORCH_CHECK(unlabelled == 0, "tdfusion: ", context, ": missing label in ", label_dir.string(), " for ",
+                  unlabelled, " pair(s): ", unlabelled_list);
+      TORCH_CHECK(orphans == 0, "tdfusion: ", context, ": missing partner in ir/ and vi/ for ", orphans,
                   " label(s): ", orphan_list);
-    }
-
-    pairs_.reserve(ir.size());
-    for (const auto& [stem, ir_path] : ir) {
-      pairs_.push_back({stem, ir_path, vi.at(stem), has_labels ? labels.at(stem) : std::string()});
+      for (PairPaths& pair : pairs_) pair.label = labels.at(pair.stem);
     }
     if (options_.check_headers()) {
       for (const PairPaths& pair : pairs_) {
         const auto ir_size = detail::header_size(pair.ir);
         check_sizes(pair, ir_size, detail::header_size(pair.vi));
-        if (!pair.label.empty()) check_label_size(pair, ir_size, detail::header_size(pair.label));
+        if constexpr (!kIsDetection<Target>) {
+          if (!pair.label.empty()) check_label_size(pair, ir_size, detail::header_size(pair.label));
+        }
       }
     }
   }
@@ -166,23 +192,26 @@ class PairedFolder {
 
   const std::vector<PairPaths>& pairs() const { return pairs_; }
 
-  /// Batch of one: ir / vi (1 x 1 x h x w), target (1 x h x w int64), ir_crop / vi_crop (1 x 1 x c x c,
-  /// c = crop_size clamped to the image's height and width, so possibly not square).
-  PairBatch<torch::Tensor> get(uint64_t counter) const {
+  /// Batch of one: ir / vi (1 x 1 x h x w), the target (1 x h x w int64 map, or the image's boxes), and
+  /// ir_crop / vi_crop (1 x 1 x c x c, c = crop_size clamped to the image's height and width).
+  PairBatch<Target> get(uint64_t counter) const {
     const PairPaths& pair = pairs_[static_cast<size_t>(counter % size())];
-    torch::Tensor ir = io::read_grey(pair.ir, options_.ir_read()), vi = io::read_grey(pair.vi, options_.vi_read());
+    const torch::Tensor ir = io::read_grey(pair.ir, options_.ir_read()), vi = io::read_grey(pair.vi, options_.vi_read());
     const int64_t height = ir.size(1), width = ir.size(2);
     check_sizes(pair, {height, width}, {vi.size(1), vi.size(2)});
-    torch::Tensor labels;
-    if (!pair.label.empty()) {
-      labels = io::read_label(pair.label, options_.num_classes(), options_.ignore_label());
-      check_label_size(pair, {height, width}, {labels.size(0), labels.size(1)});
-    } else {
-      labels = torch::zeros({height, width}, torch::kLong);
-    }
-
     detail::SampleRng rng(detail::mix_seed(detail::splitmix64(options_.seed() ^ 0xF01DE5ull), counter));
-    return segmentation_sample(ir, vi, labels, geometry(), rng);
+    if constexpr (kIsDetection<Target>) {
+      const torch::Tensor boxes =
+          pair.label.empty() ? torch::zeros({0, 5}) : read_yolo_labels(pair.label, options_.num_classes());
+      return detection_sample(ir, vi, boxes, geometry(), rng);
+    } else {
+      torch::Tensor labels = torch::zeros({height, width}, torch::kLong);
+      if (!pair.label.empty()) {
+        labels = io::read_label(pair.label, options_.num_classes(), options_.ignore_label());
+        check_label_size(pair, {height, width}, {labels.size(0), labels.size(1)});
+      }
+      return segmentation_sample(ir, vi, labels, geometry(), rng);
+    }
   }
 
   /// How get() samples: task size, crop size and flips of the options.
@@ -209,5 +238,8 @@ class PairedFolder {
   PairedFolderOptions options_;
   std::vector<PairPaths> pairs_;
 };
+
+using PairedFolder = PairedFolderFor<torch::Tensor>;
+using DetectionFolder = PairedFolderFor<task::DetectionTarget>;
 
 }  // namespace tdfusion::data

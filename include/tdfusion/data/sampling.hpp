@@ -3,6 +3,7 @@
 // input at the task size, fusion crops at full resolution, a consistent flip) out of a registered pair.
 
 #include "tdfusion/data/pair_batch.hpp"
+#include "tdfusion/task/detection/target.hpp"
 
 #include <torch/torch.h>
 
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 namespace tdfusion::data {
@@ -133,5 +135,19 @@ inline PairBatch<torch::Tensor> segmentation_sample(const torch::Tensor& ir, con
   target = detail::resize_labels(target, s.ir.size(2), s.ir.size(3)).contiguous();
   return {s.ir, s.vi, target, s.ir_crop, s.vi_crop};
 }
+
+/// A detection sample: the pair as above and its K x 5 YOLO boxes (class, cx, cy, w, h). Normalised boxes
+/// do not change with the resize to the task size; they follow the flip.
+inline PairBatch<task::DetectionTarget> detection_sample(const torch::Tensor& ir, const torch::Tensor& vi,
+                                                         const torch::Tensor& boxes, const SampleGeometry& geometry,
+                                                         detail::SampleRng& rng) {
+  const PairSample s = sample_pair(ir, vi, geometry, rng);
+  const torch::Tensor image_boxes = s.flipped ? task::flip_boxes_horizontal(boxes) : boxes;
+  return {s.ir, s.vi, task::DetectionTarget::from_images({image_boxes}), s.ir_crop, s.vi_crop};
+}
+
+/// The task labels a data set serves: class-id maps (torch::Tensor) or boxes (task::DetectionTarget).
+template <class Target>
+inline constexpr bool kIsDetection = std::is_same_v<Target, task::DetectionTarget>;
 
 }  // namespace tdfusion::data

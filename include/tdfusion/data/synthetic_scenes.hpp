@@ -191,12 +191,14 @@ struct SyntheticScenesOptions {
   TORCH_ARG(SyntheticSceneOptions, scene) = {};
 };
 
-/// A data set of synthetic scenes for the bilevel optimiser, with segmentation masks as targets.
+/// A data set of synthetic scenes for the bilevel optimiser, serving segmentation masks (Target =
+/// torch::Tensor, `SyntheticScenes`) or boxes (Target = task::DetectionTarget, `SyntheticDetectionScenes`).
 /// `get(counter)` serves scene `counter % size()` and draws its crop and flip from (seed, counter), so a
 /// stream of batches is reproducible and can be resumed from any counter.
-class SyntheticScenes {
+template <class Target>
+class SyntheticScenesFor {
  public:
-  explicit SyntheticScenes(SyntheticScenesOptions options = {}) : options_(options) {
+  explicit SyntheticScenesFor(SyntheticScenesOptions options = {}) : options_(options) {
     TORCH_CHECK(options.count() > 0, "tdfusion: SyntheticScenes needs count > 0, got ", options.count());
     TORCH_CHECK(options.task_height() > 0 && options.task_width() > 0,
                 "tdfusion: SyntheticScenes needs a positive task size, got ", options.task_height(), " x ",
@@ -219,10 +221,14 @@ class SyntheticScenes {
   /// Batch of one: ir / vi (1 x 1 x task_h x task_w), target (1 x task_h x task_w int64), and
   /// ir_crop / vi_crop (1 x 1 x c x c at full resolution, same offset). A flip, when drawn, applies to all
   /// of them; the crop offset is drawn in the flipped image.
-  PairBatch<torch::Tensor> get(uint64_t counter) const {
+  PairBatch<Target> get(uint64_t counter) const {
     const SyntheticScene s = scene(static_cast<size_t>(counter % size()));
     detail::SampleRng rng(detail::mix_seed(detail::splitmix64(options_.seed() ^ 0xD8A3ull), counter));
-    return segmentation_sample(s.ir, s.vi, s.mask, geometry(), rng);
+    if constexpr (kIsDetection<Target>) {
+      return detection_sample(s.ir, s.vi, s.boxes, geometry(), rng);
+    } else {
+      return segmentation_sample(s.ir, s.vi, s.mask, geometry(), rng);
+    }
   }
 
   /// How get() samples: task size, crop size and flips of the options.
@@ -235,5 +241,8 @@ class SyntheticScenes {
  private:
   SyntheticScenesOptions options_;
 };
+
+using SyntheticScenes = SyntheticScenesFor<torch::Tensor>;
+using SyntheticDetectionScenes = SyntheticScenesFor<task::DetectionTarget>;
 
 }  // namespace tdfusion::data

@@ -59,6 +59,7 @@ inline torch::Tensor read_yolo_labels(const std::string& path, int64_t num_class
   }
   TORCH_CHECK(!file.bad(), "tdfusion: error while reading YOLO label file ", path);
   const auto rows = static_cast<int64_t>(values.size() / 5);
+  if (rows == 0) return torch::zeros({0, 5}, torch::kFloat);
   return torch::from_blob(values.data(), {rows, 5}, torch::kFloat).clone();
 }
 

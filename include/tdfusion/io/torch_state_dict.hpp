@@ -256,34 +256,38 @@ class StateDictUnpickler {
 
 }  // namespace detail
 
-/// Reads a state_dict saved by `torch.save` (zip format). Tensors that shared a storage in Python share it
-/// here too (e.g. the released `<name>.weight` / `<name>.conv.weight` pairs).
-inline ParamDict read_torch_state_dict(const std::string& path) {
-  {
-    std::ifstream probe(path, std::ios::binary);
-    TORCH_CHECK(probe.good(), "tdfusion: cannot open ", path, ": ", std::strerror(errno));
-  }
+/// Reads a state_dict saved by `torch.save` (zip format) from a stream; `name` names it in messages.
+/// Tensors that shared a storage in Python share it here too (e.g. the released `<name>.weight` /
+/// `<name>.conv.weight` pairs).
+inline ParamDict read_torch_state_dict(std::istream& in, const std::string& name) {
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> archive;
   try {
-    archive = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+    archive = std::make_unique<caffe2::serialize::PyTorchStreamReader>(&in);
   } catch (const c10::Error&) {
-    TORCH_CHECK(false, "tdfusion: ", path, " is not a PyTorch zip archive (torch.save with the default zip format "
+    TORCH_CHECK(false, "tdfusion: ", name, " is not a PyTorch zip archive (torch.save with the default zip format "
                 "is required; legacy pre-1.6 files are not supported)");
   }
-  TORCH_CHECK(archive->hasRecord("data.pkl"), "tdfusion: ", path, " has no data.pkl: not a torch.save file");
+  TORCH_CHECK(archive->hasRecord("data.pkl"), "tdfusion: ", name, " has no data.pkl: not a torch.save file");
   auto [data, size] = archive->getRecord("data.pkl");
   const std::string bytes(static_cast<const char*>(data.get()), size);
-  const detail::PickleValuePtr root = detail::StateDictUnpickler(bytes, *archive, path).run();
-  TORCH_CHECK(root->kind == detail::PickleValue::Kind::dict, "tdfusion: ", path, " does not hold a dictionary");
+  const detail::PickleValuePtr root = detail::StateDictUnpickler(bytes, *archive, name).run();
+  TORCH_CHECK(root->kind == detail::PickleValue::Kind::dict, "tdfusion: ", name, " does not hold a dictionary");
   ParamDict dict;
   for (size_t i = 0; i + 1 < root->items.size(); i += 2) {
     const auto& key = root->items[i];
     const auto& value = root->items[i + 1];
     TORCH_CHECK(key->kind == detail::PickleValue::Kind::string && value->kind == detail::PickleValue::Kind::tensor,
-                "tdfusion: ", path, ": entry ", i / 2, " is not a name -> tensor pair");
+                "tdfusion: ", name, ": entry ", i / 2, " is not a name -> tensor pair");
     dict.insert(key->text, value->tensor);
   }
   return dict;
+}
+
+/// Reads a state_dict file saved by `torch.save` (zip format).
+inline ParamDict read_torch_state_dict(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  TORCH_CHECK(file.good(), "tdfusion: cannot open ", path, ": ", std::strerror(errno));
+  return read_torch_state_dict(file, path);
 }
 
 namespace detail {

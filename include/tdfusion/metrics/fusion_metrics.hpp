@@ -28,6 +28,12 @@
 #include <utility>
 #include <vector>
 
+// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace tdfusion::metrics {
 
 enum class Protocol {
@@ -77,23 +83,22 @@ struct MetricRow {
 };
 
 /// The metrics of `protocol` for one fused image. ir, vi, fused: H x W grey values in [0, 255] (see to_grey8),
-/// all the same size, at least 41 x 41 (VIF's four scales). `threads` > 1 computes independent metrics
-/// concurrently (useful for a single large image; the folder driver parallelises over images instead).
+/// all the same size, at least 41 x 41 (VIF's four scales). `threads`: 1 computes the metrics one after another;
+/// more (0: all cores) computes independent ones concurrently, which helps a single large image (the folder
+/// driver parallelises over images instead).
 inline MetricRow evaluate_fusion(const Eigen::ArrayXXd& ir, const Eigen::ArrayXXd& vi, const Eigen::ArrayXXd& fused,
                                  Protocol protocol, int threads = 1) {
   detail::check_same_size(ir, fused, "evaluate_fusion (infrared vs fused)");
   detail::check_same_size(vi, fused, "evaluate_fusion (visible vs fused)");
+  detail::check_min_size(fused, kVifMinSize, "evaluate_fusion (VIF's four scales)");
   for (const auto* image : {&ir, &vi, &fused}) {
     if (!((*image >= 0.0) && (*image <= 255.0)).all()) {  // NaN fails both comparisons
       throw std::invalid_argument("tdfusion: evaluate_fusion expects grey values in [0, 255] (see to_grey8)");
     }
   }
   const bool cddfuse = protocol == Protocol::cddfuse;
-  // The paper's evaluator hands SSIM np.uint8(image): truncation, a no-op on integer grey levels.
-  const Eigen::ArrayXXd ir_u8 = cddfuse ? Eigen::ArrayXXd() : ir.floor();
-  const Eigen::ArrayXXd vi_u8 = cddfuse ? Eigen::ArrayXXd() : vi.floor();
-  const Eigen::ArrayXXd fused_u8 = cddfuse ? Eigen::ArrayXXd() : fused.floor();
   const double ssim_range = cddfuse ? 2.0 : 255.0;
+  const int workers = detail::resolve_threads(threads);
 
   double en = 0, sd = 0, sf = 0, ag = 0, mi = 0, scd_value = 0, vif_ir = 0, vif_vi = 0, q = 0, ssim_ir = 0, ssim_vi = 0;
   std::vector<std::function<void()>> tasks;
@@ -107,7 +112,7 @@ inline MetricRow evaluate_fusion(const Eigen::ArrayXXd& ir, const Eigen::ArrayXX
       mi = mutual_information(fused, ir) + mutual_information(fused, vi);
     }
   });
-  if (threads > 1) {  // separately: the fused image's VIF statistics are computed twice, in parallel
+  if (workers > 1) {  // separately: the fused image's VIF statistics are computed twice, in parallel
     tasks.emplace_back([&] { vif_ir = vif(ir, fused); });
     tasks.emplace_back([&] { vif_vi = vif(vi, fused); });
   } else {
@@ -118,17 +123,17 @@ inline MetricRow evaluate_fusion(const Eigen::ArrayXXd& ir, const Eigen::ArrayXX
     });
   }
   tasks.emplace_back([&] { q = qabf(ir, vi, fused); });
-  tasks.emplace_back([&] { ssim_ir = cddfuse ? ssim(fused, ir, ssim_range) : ssim(fused_u8, ir_u8, ssim_range); });
-  tasks.emplace_back([&] { ssim_vi = cddfuse ? ssim(fused, vi, ssim_range) : ssim(fused_u8, vi_u8, ssim_range); });
-  detail::parallel_for(tasks.size(), threads, [&](std::size_t i) { tasks[i](); });
+  // The paper's evaluator hands SSIM np.uint8(image): truncation, a no-op on integer grey levels.
+  tasks.emplace_back([&] { ssim_ir = cddfuse ? ssim(fused, ir, ssim_range) : ssim_uint8(fused, ir, ssim_range); });
+  tasks.emplace_back([&] { ssim_vi = cddfuse ? ssim(fused, vi, ssim_range) : ssim_uint8(fused, vi, ssim_range); });
+  detail::parallel_for(tasks.size(), workers, [&](std::size_t i) { tasks[i](); });
 
   MetricRow row;
   if (cddfuse) {
-    row.values = {{"EN", en},        {"SD", sd},   {"SF", sf},           {"AG", ag},
-                  {"MI", mi},        {"SCD", scd_value}, {"VIF", vif_ir + vif_vi}, {"Qabf", q},
-                  {"SSIM", ssim_ir + ssim_vi}};
+    row.values = {{"EN", en}, {"SD", sd}, {"SF", sf}, {"AG", ag}, {"MI", mi}, {"SCD", scd_value},
+                  {"VIF", vif_ir + vif_vi}, {"Qabf", q}, {"SSIM", ssim_ir + ssim_vi}};
   } else {
-    row.values = {{"EN", en},   {"SF", sf}, {"SCD", scd_value}, {"VIF", (vif_ir + vif_vi) / 2.0},
+    row.values = {{"EN", en}, {"SF", sf}, {"SCD", scd_value}, {"VIF", (vif_ir + vif_vi) / 2.0},
                   {"Qabf", q}, {"SSIM", (ssim_ir + ssim_vi) / 2.0}};
   }
   return row;
@@ -182,12 +187,20 @@ inline Eigen::ArrayXXd to_grey8(const torch::Tensor& image) {
   // Plain loops rather than tensor ops: this runs inside the folder driver's worker threads, where ATen's own
   // intra-op threads would oversubscribe the cores.
   torch::Tensor cpu = chw.detach().to(torch::kCPU).contiguous();
-  if (cpu.scalar_type() == torch::kFloat) return detail::grey8_from(cpu.data_ptr<float>(), channels, height, width, false);
-  if (cpu.scalar_type() == torch::kByte) return detail::grey8_from(cpu.data_ptr<uint8_t>(), channels, height, width, true);
-  TORCH_CHECK(cpu.is_floating_point(), "tdfusion: to_grey8 expects floating-point values in [0, 1] or uint8 levels, got ",
-              cpu.dtype());
+  if (cpu.scalar_type() == torch::kFloat) {
+    return detail::grey8_from(cpu.data_ptr<float>(), channels, height, width, /*levels_given=*/false);
+  }
+  if (cpu.scalar_type() == torch::kByte) {
+    return detail::grey8_from(cpu.data_ptr<uint8_t>(), channels, height, width, /*levels_given=*/true);
+  }
+  TORCH_CHECK(cpu.is_floating_point(),
+              "tdfusion: to_grey8 expects floating-point values in [0, 1] or uint8 levels, got ", cpu.dtype());
   cpu = cpu.to(torch::kDouble);
   return detail::grey8_from(cpu.data_ptr<double>(), channels, height, width, false);
 }
 
 }  // namespace tdfusion::metrics
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

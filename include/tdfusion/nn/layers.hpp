@@ -67,6 +67,41 @@ class LayerNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LayerNorm);
 
+/// Per-thread replacement of channel_attention, installed by a Scope for the duration of one computation.
+/// Channel attention is global over the image (its matrices sum over every pixel), so a tiled forward pass
+/// must supply image-wide matrices; fusion::fuse_tiled does so through this hook. Without a Scope,
+/// channel_attention only pays one thread-local pointer check.
+class AttentionTiling {
+ public:
+  virtual ~AttentionTiling() = default;
+
+  /// Called by channel_attention instead of its own computation, with the same arguments (heads already
+  /// validated); returns what channel_attention returns.
+  virtual torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& temperature, int64_t heads) = 0;
+
+  /// The hook installed on this thread, or nullptr.
+  static AttentionTiling* active() { return slot(); }
+
+  /// Installs a hook on this thread until destruction, then restores the previous one (scopes nest).
+  class Scope {
+   public:
+    explicit Scope(AttentionTiling& hook) : previous_(slot()) { slot() = &hook; }
+    ~Scope() { slot() = previous_; }
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+   private:
+    AttentionTiling* previous_;
+  };
+
+ private:
+  static AttentionTiling*& slot() {
+    thread_local AttentionTiling* hook = nullptr;
+    return hook;
+  }
+};
+
 /// Transposed ("channel") attention of Restormer: q and k are L2-normalised along the pixels and the
 /// attention matrix is (C/heads) x (C/heads), so the cost grows linearly with the pixel count.
 /// q, k, v: N x C x H x W; temperature: heads x 1 x 1. Returns N x C x H x W.
@@ -74,6 +109,7 @@ inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tens
                                        const torch::Tensor& temperature, int64_t heads) {
   const int64_t n = q.size(0), c = q.size(1), h = q.size(2), w = q.size(3);
   TORCH_CHECK(c % heads == 0, "tdfusion: ", c, " channels cannot be split into ", heads, " heads");
+  if (AttentionTiling* hook = AttentionTiling::active()) return hook->attend(q, k, v, temperature, heads);
   namespace F = torch::nn::functional;
   const auto normalise = F::NormalizeFuncOptions().p(2.0).dim(-1).eps(1e-12);
   const torch::Tensor qh = F::normalize(q.reshape({n, heads, c / heads, h * w}), normalise);

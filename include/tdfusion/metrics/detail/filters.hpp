@@ -9,6 +9,12 @@
 #include <string>
 #include <vector>
 
+// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace tdfusion::metrics::detail {
 
 using Array = Eigen::ArrayXXd;
@@ -54,74 +60,53 @@ inline std::vector<double> gaussian_taps(int size, double sigma) {
   return taps;
 }
 
-/// Separable 'valid' filtering with the window taps x taps: out(r, c) = sum_ij t_i t_j in(r + i, c + j),
-/// output (H - n + 1) x (W - n + 1). The windows used here are symmetric, so correlation and convolution
-/// (scipy.signal.convolve2d with the window rotated by 180 degrees, as the classic code does) coincide.
-/// An input smaller than the window gives an empty array.
-inline Array filter_valid(const Array& in, const std::vector<double>& taps) {
-  const Eigen::Index n = static_cast<Eigen::Index>(taps.size());
-  const Eigen::Index rows = in.rows() - n + 1, cols = in.cols() - n + 1;
-  if (rows <= 0 || cols <= 0) return Array(0, 0);
-  Array vertical(rows, in.cols());
-  for (Eigen::Index c = 0; c < in.cols(); ++c) {  // down each column: one column stays in L1
-    auto out = vertical.col(c);
-    const auto column = in.col(c);
-    out = taps[0] * column.segment(0, rows);
-    for (Eigen::Index i = 1; i < n; ++i) out += taps[static_cast<std::size_t>(i)] * column.segment(i, rows);
-  }
-  Array result(rows, cols);
-  for (Eigen::Index c = 0; c < cols; ++c) {
-    auto out = result.col(c);
-    out = taps[0] * vertical.col(c);
-    for (Eigen::Index j = 1; j < n; ++j) out += taps[static_cast<std::size_t>(j)] * vertical.col(c + j);
-  }
-  return result;
+// Separable 'valid' filtering, streamed one output column at a time: the windows used here are symmetric, so
+// correlation and convolution (scipy.signal.convolve2d with the window rotated by 180 degrees, as the classic
+// codes do) coincide. out(r, c) = sum_ij t_i t_j in(r + i, c + j) is computed as a horizontal pass over input
+// columns c .. c + n - 1 into one column buffer, then a vertical pass down that buffer. Only column-sized
+// buffers are allocated: whole-image temporaries cost more in page faults than in arithmetic.
+
+/// out = sum_j taps[j] * column(c + j), where column(k) is an Eigen column expression of input column k (e.g.
+/// x.col(k), or x.col(k) * y.col(k) for a product image that is never stored).
+template <class Column>
+void horizontal_pass(const Column& column, Eigen::Index c, const std::vector<double>& taps, Eigen::ArrayXd& out) {
+  out = taps[0] * column(c);
+  for (std::size_t j = 1; j < taps.size(); ++j) out += taps[j] * column(c + static_cast<Eigen::Index>(j));
 }
 
-/// in[::2, ::2]: every second row and column, starting with the first.
-inline Array decimate(const Array& in) {
-  const Eigen::Index rows = (in.rows() + 1) / 2, cols = (in.cols() + 1) / 2;
+/// out[r] = sum_i taps[i] * in[r + i] for the in.size() - n + 1 'valid' rows.
+inline void vertical_pass(const Eigen::ArrayXd& in, const std::vector<double>& taps, Eigen::ArrayXd& out) {
+  const Eigen::Index rows = in.size() - static_cast<Eigen::Index>(taps.size()) + 1;
+  out = taps[0] * in.head(rows);
+  for (std::size_t i = 1; i < taps.size(); ++i) out += taps[i] * in.segment(static_cast<Eigen::Index>(i), rows);
+}
+
+/// decimate(filter_valid(in)): the 'valid' filtered image at every second row and column, starting with the
+/// first (in[::2, ::2] after filtering). Output ceil((H - n + 1) / 2) x ceil((W - n + 1) / 2).
+inline Array filter_decimate(const Array& in, const std::vector<double>& taps) {
+  const Eigen::Index n = static_cast<Eigen::Index>(taps.size());
+  const Eigen::Index valid_rows = in.rows() - n + 1, valid_cols = in.cols() - n + 1;
+  if (valid_rows <= 0 || valid_cols <= 0) return Array(0, 0);
+  const Eigen::Index rows = (valid_rows + 1) / 2, cols = (valid_cols + 1) / 2;
   Array out(rows, cols);
+  Eigen::ArrayXd column(in.rows());
   for (Eigen::Index c = 0; c < cols; ++c) {
-    for (Eigen::Index r = 0; r < rows; ++r) out(r, c) = in(2 * r, 2 * c);
+    horizontal_pass([&](Eigen::Index k) { return in.col(k); }, 2 * c, taps, column);
+    auto target = out.col(c);
+    for (Eigen::Index i = 0; i < n; ++i) {
+      const Eigen::Map<const Eigen::ArrayXd, 0, Eigen::InnerStride<2>> every_second(column.data() + i, rows);
+      if (i == 0) {
+        target = taps[0] * every_second;
+      } else {
+        target += taps[static_cast<std::size_t>(i)] * every_second;
+      }
+    }
   }
   return out;
 }
 
-/// Sobel responses exactly as scipy.signal.convolve2d(img, h, mode='same') with zero padding computes them for
-/// the classic Qabf kernels h3 = [[-1,0,1],[-2,0,2],[-1,0,1]] (sx) and h1 = [[1,2,1],[0,0,0],[-1,-2,-1]] (sy).
-/// Convolution flips the kernel, so sx = left minus right and sy = below minus above; the sign convention
-/// cancels in Qabf, which only compares angles of two images computed the same way.
-inline void sobel_same(const Array& img, Array& sx, Array& sy) {
-  const Eigen::Index rows = img.rows(), cols = img.cols();
-  sx.resize(rows, cols);
-  sy.resize(rows, cols);
-  auto at = [&](Eigen::Index r, Eigen::Index c) {
-    return (r < 0 || r >= rows || c < 0 || c >= cols) ? 0.0 : img(r, c);
-  };
-  auto interior = [&](Eigen::Index r, Eigen::Index c) {
-    const double up_left = img(r - 1, c - 1), up = img(r - 1, c), up_right = img(r - 1, c + 1);
-    const double left = img(r, c - 1), right = img(r, c + 1);
-    const double down_left = img(r + 1, c - 1), down = img(r + 1, c), down_right = img(r + 1, c + 1);
-    sx(r, c) = (up_left + 2.0 * left + down_left) - (up_right + 2.0 * right + down_right);
-    sy(r, c) = (down_left + 2.0 * down + down_right) - (up_left + 2.0 * up + up_right);
-  };
-  auto border = [&](Eigen::Index r, Eigen::Index c) {
-    sx(r, c) = (at(r - 1, c - 1) + 2.0 * at(r, c - 1) + at(r + 1, c - 1)) -
-               (at(r - 1, c + 1) + 2.0 * at(r, c + 1) + at(r + 1, c + 1));
-    sy(r, c) = (at(r + 1, c - 1) + 2.0 * at(r + 1, c) + at(r + 1, c + 1)) -
-               (at(r - 1, c - 1) + 2.0 * at(r - 1, c) + at(r - 1, c + 1));
-  };
-  for (Eigen::Index c = 0; c < cols; ++c) {
-    const bool edge_column = c == 0 || c == cols - 1;
-    for (Eigen::Index r = 0; r < rows; ++r) {
-      if (edge_column || r == 0 || r == rows - 1) {
-        border(r, c);
-      } else {
-        interior(r, c);
-      }
-    }
-  }
-}
-
 }  // namespace tdfusion::metrics::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -14,6 +14,12 @@
 
 #include <cmath>
 
+// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace tdfusion::metrics {
 
 /// Qabf's sigmoid constants (spec section 8).
@@ -24,35 +30,70 @@ struct QabfConstants {
 
 namespace detail {
 
-struct EdgeMap {
-  Array strength;  ///< g = sqrt(Sx^2 + Sy^2)
-  Array angle;     ///< atan(Sy / Sx), pi/2 where Sx == 0
+/// Sobel strength and angle of one image, one column at a time, exactly as scipy.signal.convolve2d(img, h,
+/// mode='same') with zero padding gives them for the classic kernels h3 = [[-1,0,1],[-2,0,2],[-1,0,1]] (sx) and
+/// h1 = [[1,2,1],[0,0,0],[-1,-2,-1]] (sy). Convolution flips the kernels, so sx = left minus right and
+/// sy = below minus above; the sign convention cancels in Qabf, which compares angles computed the same way.
+/// With V(k) = [1 2 1] down column k and D(k) = below minus above in column k (zero outside the image):
+///   sx(., c) = V(c - 1) - V(c + 1),   sy(., c) = D(c - 1) + 2 D(c) + D(c + 1).
+class SobelColumns {
+ public:
+  explicit SobelColumns(const Array& image) : image_(image), rows_(image.rows()) {}
+
+  /// Fills strength g and angle a (atan(sy / sx), pi/2 where sx == 0) of column c.
+  void column(Eigen::Index c, Eigen::ArrayXd& g, Eigen::ArrayXd& a) {
+    smooth(c - 1, v_left_);
+    smooth(c + 1, v_right_);
+    difference(c - 1, d_left_);
+    difference(c, d_centre_);
+    difference(c + 1, d_right_);
+    sx_ = v_left_ - v_right_;
+    sy_ = d_left_ + 2.0 * d_centre_ + d_right_;
+    g = (sx_.square() + sy_.square()).sqrt();
+    a.resize(rows_);
+    const double half_pi = std::acos(-1.0) / 2.0;
+    for (Eigen::Index r = 0; r < rows_; ++r) a[r] = sx_[r] == 0.0 ? half_pi : std::atan(sy_[r] / sx_[r]);
+  }
+
+ private:
+  bool outside(Eigen::Index k) const { return k < 0 || k >= image_.cols(); }
+
+  void smooth(Eigen::Index k, Eigen::ArrayXd& out) const {  // col[r-1] + 2 col[r] + col[r+1]
+    out.setZero(rows_);
+    if (outside(k)) return;
+    const auto col = image_.col(k);
+    out = 2.0 * col;
+    if (rows_ > 1) {
+      out.head(rows_ - 1) += col.tail(rows_ - 1);
+      out.tail(rows_ - 1) += col.head(rows_ - 1);
+    }
+  }
+
+  void difference(Eigen::Index k, Eigen::ArrayXd& out) const {  // col[r+1] - col[r-1]
+    out.setZero(rows_);
+    if (outside(k) || rows_ < 2) return;
+    const auto col = image_.col(k);
+    out.head(rows_ - 1) += col.tail(rows_ - 1);
+    out.tail(rows_ - 1) -= col.head(rows_ - 1);
+  }
+
+  const Array& image_;
+  Eigen::Index rows_;
+  Eigen::ArrayXd v_left_, v_right_, d_left_, d_centre_, d_right_, sx_, sy_;
 };
 
-inline EdgeMap edge_map(const Array& image) {
-  Array sx, sy;
-  sobel_same(image, sx, sy);
-  EdgeMap map;
-  map.strength = (sx.square() + sy.square()).sqrt();
-  map.angle.resize(image.rows(), image.cols());
+/// Per-pixel edge preservation Q^{SF} of source S in F (the product of the two sigmoids), for one column.
+inline Eigen::ArrayXd edge_preservation(const Eigen::ArrayXd& g_source, const Eigen::ArrayXd& a_source,
+                                        const Eigen::ArrayXd& g_fused, const Eigen::ArrayXd& a_fused) {
   const double half_pi = std::acos(-1.0) / 2.0;
-  for (Eigen::Index i = 0; i < image.size(); ++i) {
-    const double x = sx.data()[i];
-    map.angle.data()[i] = x == 0.0 ? half_pi : std::atan(sy.data()[i] / x);
+  Eigen::ArrayXd ratio(g_source.size());
+  for (Eigen::Index r = 0; r < ratio.size(); ++r) {
+    const double gs = g_source[r], gf = g_fused[r];
+    ratio[r] = gs > gf ? gf / gs : gs == gf ? gf : gs / gf;  // the classic G = gF where gA == gF
   }
-  return map;
-}
-
-/// Per-pixel edge preservation Q^{SF} of source S in F (the product of the two sigmoids).
-inline double edge_preservation(double g_source, double a_source, double g_fused, double a_fused) {
-  const double half_pi = std::acos(-1.0) / 2.0;
-  const double g_ratio = g_source > g_fused    ? g_fused / g_source
-                         : g_source == g_fused ? g_fused
-                                               : g_source / g_fused;
-  const double a_agreement = 1.0 - std::abs(a_source - a_fused) / half_pi;
-  const double qg = QabfConstants::kTg / (1.0 + std::exp(QabfConstants::kKg * (g_ratio - QabfConstants::kDg)));
-  const double qa = QabfConstants::kTa / (1.0 + std::exp(QabfConstants::kKa * (a_agreement - QabfConstants::kDa)));
-  return qg * qa;
+  const Eigen::ArrayXd agreement = 1.0 - (a_source - a_fused).abs() / half_pi;
+  return (QabfConstants::kTg / (1.0 + (QabfConstants::kKg * (ratio - QabfConstants::kDg)).exp())) *
+         (QabfConstants::kTa / (1.0 + (QabfConstants::kKa * (agreement - QabfConstants::kDa)).exp()));
 }
 
 }  // namespace detail
@@ -61,16 +102,22 @@ inline double edge_preservation(double g_source, double a_source, double g_fused
 inline double qabf(const Eigen::ArrayXXd& a, const Eigen::ArrayXXd& b, const Eigen::ArrayXXd& fused) {
   detail::check_same_size(a, fused, "Qabf");
   detail::check_same_size(b, fused, "Qabf");
-  const detail::EdgeMap ea = detail::edge_map(a), eb = detail::edge_map(b), ef = detail::edge_map(fused);
+  detail::SobelColumns sobel_a(a), sobel_b(b), sobel_f(fused);
+  Eigen::ArrayXd ga, aa, gb, ab, gf, af;
   double numerator = 0.0, denominator = 0.0;
-  for (Eigen::Index i = 0; i < fused.size(); ++i) {
-    const double ga = ea.strength.data()[i], gb = eb.strength.data()[i];
-    const double gf = ef.strength.data()[i], af = ef.angle.data()[i];
-    numerator += detail::edge_preservation(ga, ea.angle.data()[i], gf, af) * ga +
-                 detail::edge_preservation(gb, eb.angle.data()[i], gf, af) * gb;
-    denominator += ga + gb;
+  for (Eigen::Index c = 0; c < fused.cols(); ++c) {
+    sobel_a.column(c, ga, aa);
+    sobel_b.column(c, gb, ab);
+    sobel_f.column(c, gf, af);
+    numerator +=
+        (detail::edge_preservation(ga, aa, gf, af) * ga + detail::edge_preservation(gb, ab, gf, af) * gb).sum();
+    denominator += (ga + gb).sum();
   }
   return numerator / denominator;
 }
 
 }  // namespace tdfusion::metrics
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

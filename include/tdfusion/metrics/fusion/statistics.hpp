@@ -9,36 +9,51 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace tdfusion::metrics {
 
 namespace detail {
 
-/// Grey level of each pixel: the value rounded half to even (numpy's np.round), which must lie in 0..255.
-/// The histogram metrics bin by grey level; on integer images this is exactly the classic codes' binning.
-inline std::vector<int> grey_levels(const Array& image, const char* what) {
-  std::vector<int> levels(static_cast<std::size_t>(image.size()));
-  const double* data = image.data();
-  for (std::size_t i = 0; i < levels.size(); ++i) {
-    const double level = std::nearbyint(data[i]);
-    if (!(level >= 0.0 && level <= 255.0)) {  // also catches NaN
-      throw std::invalid_argument(std::string("tdfusion: ") + what +
-                                  " expects 8-bit grey values in [0, 255], found " + std::to_string(data[i]));
-    }
-    levels[i] = static_cast<int>(level);
+/// Grey level of a value: rounded half to even (numpy's np.round), which must lie in 0..255. The histogram
+/// metrics bin by grey level; on integer images this is exactly the classic codes' binning.
+inline int grey_level(double value, const char* what) {
+  const double level = std::nearbyint(value);
+  if (!(level >= 0.0 && level <= 255.0)) {  // also catches NaN
+    throw std::invalid_argument(std::string("tdfusion: ") + what + " expects 8-bit grey values in [0, 255], found " +
+                                std::to_string(value));
   }
-  return levels;
+  return static_cast<int>(level);
 }
 
-/// Pearson correlation of x and y (two-pass); NaN when either is constant, as numpy gives.
-template <class X, class Y>
-double correlation(const X& x, const Y& y) {
-  const double mean_x = x.mean(), mean_y = y.mean();
-  const double sxy = ((x - mean_x) * (y - mean_y)).sum();
-  const double sxx = (x - mean_x).square().sum(), syy = (y - mean_y).square().sum();
+/// Pearson correlation of x and (y1 - y2) (two passes, no temporaries); NaN when either is constant, as numpy.
+inline double correlation_with_difference(const Array& x, const Array& y1, const Array& y2) {
+  const Eigen::Index n = x.size();
+  const double* px = x.data();
+  const double* p1 = y1.data();
+  const double* p2 = y2.data();
+  double sum_x = 0.0, sum_y = 0.0;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    sum_x += px[i];
+    sum_y += p1[i] - p2[i];
+  }
+  const double mean_x = sum_x / static_cast<double>(n), mean_y = sum_y / static_cast<double>(n);
+  double sxy = 0.0, sxx = 0.0, syy = 0.0;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const double dx = px[i] - mean_x, dy = (p1[i] - p2[i]) - mean_y;
+    sxy += dx * dy;
+    sxx += dx * dx;
+    syy += dy * dy;
+  }
   return sxy / std::sqrt(sxx * syy);
 }
 
@@ -48,7 +63,9 @@ double correlation(const X& x, const Y& y) {
 inline double entropy(const Eigen::ArrayXXd& image) {
   detail::check_not_empty(image, "entropy (EN)");
   std::array<double, 256> histogram{};
-  for (int level : detail::grey_levels(image, "entropy (EN)")) histogram[static_cast<std::size_t>(level)] += 1.0;
+  for (Eigen::Index i = 0; i < image.size(); ++i) {
+    histogram[static_cast<std::size_t>(detail::grey_level(image.data()[i], "entropy (EN)"))] += 1.0;
+  }
   const double count = static_cast<double>(image.size());
   double result = 0.0;
   for (double h : histogram) {
@@ -98,22 +115,24 @@ inline double average_gradient(const Eigen::ArrayXXd& image) {
 /// flattened images), clipped at 0 as sklearn does. The MI metric is the sum over (F, A) and (F, B).
 inline double mutual_information(const Eigen::ArrayXXd& a, const Eigen::ArrayXXd& b) {
   detail::check_same_size(a, b, "mutual information (MI)");
-  const std::vector<int> la = detail::grey_levels(a, "mutual information (MI)");
-  const std::vector<int> lb = detail::grey_levels(b, "mutual information (MI)");
-  std::vector<double> joint(256 * 256, 0.0);
+  std::vector<uint32_t> joint(256 * 256, 0);
   std::array<double, 256> pa{}, pb{};
-  for (std::size_t i = 0; i < la.size(); ++i) {
-    joint[static_cast<std::size_t>(la[i] * 256 + lb[i])] += 1.0;
-    pa[static_cast<std::size_t>(la[i])] += 1.0;
-    pb[static_cast<std::size_t>(lb[i])] += 1.0;
+  for (Eigen::Index i = 0; i < a.size(); ++i) {
+    const int la = detail::grey_level(a.data()[i], "mutual information (MI)");
+    const int lb = detail::grey_level(b.data()[i], "mutual information (MI)");
+    ++joint[static_cast<std::size_t>(la * 256 + lb)];
+    pa[static_cast<std::size_t>(la)] += 1.0;
+    pb[static_cast<std::size_t>(lb)] += 1.0;
   }
-  const double n = static_cast<double>(la.size());
+  const double n = static_cast<double>(a.size());
   double mi = 0.0;
   for (int i = 0; i < 256; ++i) {
     if (pa[static_cast<std::size_t>(i)] == 0.0) continue;
     for (int j = 0; j < 256; ++j) {
       const double nij = joint[static_cast<std::size_t>(i * 256 + j)];
-      if (nij > 0.0) mi += nij / n * std::log(nij * n / (pa[static_cast<std::size_t>(i)] * pb[static_cast<std::size_t>(j)]));
+      if (nij > 0.0) {
+        mi += nij / n * std::log(nij * n / (pa[static_cast<std::size_t>(i)] * pb[static_cast<std::size_t>(j)]));
+      }
     }
   }
   return std::max(mi, 0.0);
@@ -124,8 +143,11 @@ inline double mutual_information(const Eigen::ArrayXXd& a, const Eigen::ArrayXXd
 inline double scd(const Eigen::ArrayXXd& a, const Eigen::ArrayXXd& b, const Eigen::ArrayXXd& fused) {
   detail::check_same_size(a, fused, "SCD");
   detail::check_same_size(b, fused, "SCD");
-  const Eigen::ArrayXXd f_minus_b = fused - b, f_minus_a = fused - a;
-  return detail::correlation(a, f_minus_b) + detail::correlation(b, f_minus_a);
+  return detail::correlation_with_difference(a, fused, b) + detail::correlation_with_difference(b, fused, a);
 }
 
 }  // namespace tdfusion::metrics
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

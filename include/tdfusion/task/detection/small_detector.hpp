@@ -1,5 +1,5 @@
 #pragma once
-// SmallDetector: a small anchor-free detector (about 85k parameters at the defaults) for CPU runs, tests and
+// SmallDetector: a small anchor-free detector (about 200k parameters at the defaults) for CPU runs, tests and
 // examples where YOLOv8-n (3M) would dominate the cost. It keeps YOLOv8's detection head (narrower) and its
 // loss, so it trains on exactly the objective of the release's detector; the backbone is a plain strided
 // CNN with a light top-down path. No batch norm: train and eval modes compute the same function, and SiLU
@@ -32,6 +32,7 @@ struct SmallDetectorOptions {
 class SmallDetectorImpl : public torch::nn::Cloneable<SmallDetectorImpl> {
  public:
   using Target = DetectionTarget;
+  using Options = SmallDetectorOptions;
 
   explicit SmallDetectorImpl(SmallDetectorOptions options = {}) : options_(std::move(options)) {
     TORCH_CHECK(options_.num_classes() > 0 && options_.in_channels() > 0 && options_.width() > 0 &&

@@ -36,6 +36,7 @@ struct DetectionLossOptions {
 /// The loss and its three (ungained, unscaled) components.
 struct DetectionLossParts {
   torch::Tensor total, box, cls, dfl;
+  torch::Tensor score_sum;  ///< the normaliser S = max(sum of the soft targets, 1), a constant
 };
 
 /// Where a head's output cells lie: the (padded) network input and the strides of its levels.
@@ -106,41 +107,56 @@ inline PaddedTruth pad_truth(const DetectionTarget& target, int64_t batch, doubl
 
 }  // namespace detail
 
-/// The YOLOv8 loss of raw head outputs N x (4 reg_max + classes) x A (see the file comment). Differentiable
-/// (to any order) in `head`; the assignment is a constant.
-inline DetectionLossParts yolov8_detection_loss(const torch::Tensor& head, const DetectionLayout& layout,
-                                                const DetectionTarget& target, const DetectionLossOptions& options = {}) {
+/// Splits raw head outputs N x (4 reg_max + classes) x A into DFL logits N x A x 4 reg_max and class
+/// logits N x A x classes.
+inline std::pair<torch::Tensor, torch::Tensor> split_head_output(const torch::Tensor& head, const DetectionLayout& layout) {
   const int64_t r = layout.reg_max, c = layout.num_classes;
   TORCH_CHECK(head.dim() == 3 && head.size(1) == 4 * r + c, "tdfusion: detection head output must be N x ",
               4 * r + c, " x A, got ", head.sizes());
-  const int64_t n = head.size(0), a = head.size(2);
-  detail::check_detection_target(target, n, c);
-  const torch::Tensor pred_dist = head.narrow(1, 0, 4 * r).transpose(1, 2);   // N x A x 4R
-  const torch::Tensor pred_logits = head.narrow(1, 4 * r, c).transpose(1, 2); // N x A x C
-  auto [anchors, strides] = layout.anchors(head.options());
-  TORCH_CHECK(anchors.size(0) == a, "tdfusion: detection head output has ", a, " cells but the layout has ",
-              anchors.size(0));
+  return {head.narrow(1, 0, 4 * r).transpose(1, 2), head.narrow(1, 4 * r, c).transpose(1, 2)};
+}
+
+/// The assigner's decisions for raw head outputs, made on their detached values (the assignment's boxes in
+/// pixels). They carry no gradient: the loss treats them as constants.
+inline Assignment yolov8_assign(const torch::Tensor& head, const DetectionLayout& layout,
+                                const DetectionTarget& target, const DetectionLossOptions& options = {}) {
+  torch::NoGradGuard no_grad;
+  const auto [pred_dist, pred_logits] = split_head_output(head.detach(), layout);
+  detail::check_detection_target(target, head.size(0), layout.num_classes);
+  const auto [anchors, strides] = layout.anchors(head.options());
+  TORCH_CHECK(anchors.size(0) == head.size(2), "tdfusion: detection head output has ", head.size(2),
+              " cells but the layout has ", anchors.size(0));
+  const torch::Tensor pred_boxes = dist_to_bbox(dfl_decode(pred_dist, layout.reg_max), anchors) * strides;
+  const detail::PaddedTruth truth = detail::pad_truth(target, head.size(0), static_cast<double>(layout.image_width),
+                                                      static_cast<double>(layout.image_height), head.options());
+  return task_aligned_assign(pred_logits.sigmoid(), pred_boxes, anchors * strides, truth.labels, truth.boxes,
+                             truth.valid, options.assigner());
+}
+
+/// The YOLOv8 loss of raw head outputs against a given assignment (see the file comment). Differentiable
+/// to any order in `head`.
+inline DetectionLossParts yolov8_loss_given(const torch::Tensor& head, const DetectionLayout& layout,
+                                            const Assignment& assigned, const DetectionLossOptions& options = {}) {
+  const int64_t r = layout.reg_max, n = head.size(0);
+  const auto [pred_dist, pred_logits] = split_head_output(head, layout);
+  const auto [anchors, strides] = layout.anchors(head.options());
+  TORCH_CHECK(assigned.scores.sizes() == pred_logits.sizes(), "tdfusion: the assignment is for scores of shape ",
+              assigned.scores.sizes(), " but the head predicts ", pred_logits.sizes());
   const torch::Tensor pred_boxes = dist_to_bbox(dfl_decode(pred_dist, r), anchors);  // N x A x 4, grid units
 
-  const detail::PaddedTruth truth = detail::pad_truth(target, n, static_cast<double>(layout.image_width),
-                                                      static_cast<double>(layout.image_height), head.options());
-  const Assignment assigned =
-      task_aligned_assign(pred_logits.detach().sigmoid(), pred_boxes.detach() * strides, anchors * strides,
-                          truth.labels, truth.boxes, truth.valid, options.assigner());
-  const torch::Tensor score_sum = assigned.scores.sum().clamp_min(1.0);
-
   DetectionLossParts parts;
-  parts.cls = bce_with_logits(pred_logits, assigned.scores).sum() / score_sum;
+  parts.score_sum = assigned.scores.sum().clamp_min(1.0);
+  parts.cls = bce_with_logits(pred_logits, assigned.scores).sum() / parts.score_sum;
   const torch::Tensor fg = assigned.foreground.flatten().nonzero().squeeze(1);
   if (fg.numel() > 0) {
     const torch::Tensor weight = assigned.scores.sum(-1).flatten().index_select(0, fg);
     const torch::Tensor target_boxes = (assigned.boxes / strides).reshape({-1, 4}).index_select(0, fg);
     const torch::Tensor boxes = pred_boxes.reshape({-1, 4}).index_select(0, fg);
-    parts.box = ((1.0 - bbox_ciou(boxes, target_boxes)) * weight).sum() / score_sum;
+    parts.box = ((1.0 - bbox_ciou(boxes, target_boxes)) * weight).sum() / parts.score_sum;
     const torch::Tensor points = anchors.repeat({n, 1}).index_select(0, fg);
     const torch::Tensor sides = bbox_to_dist(points, target_boxes, static_cast<double>(r) - 1.01);  // K x 4
     const torch::Tensor logits = pred_dist.reshape({-1, 4 * r}).index_select(0, fg).reshape({-1, r});
-    parts.dfl = (dfl_loss(logits, sides.reshape({-1})).view({-1, 4}).mean(-1) * weight).sum() / score_sum;
+    parts.dfl = (dfl_loss(logits, sides.reshape({-1})).view({-1, 4}).mean(-1) * weight).sum() / parts.score_sum;
   } else {
     parts.box = torch::zeros({}, head.options());
     parts.dfl = torch::zeros({}, head.options());
@@ -150,14 +166,23 @@ inline DetectionLossParts yolov8_detection_loss(const torch::Tensor& head, const
   return parts;
 }
 
+/// The YOLOv8 loss of raw head outputs N x (4 reg_max + classes) x A (see the file comment): assignment on
+/// the detached predictions, then the loss against it. Differentiable (to any order) in `head`, with the
+/// assignment a constant, as in ultralytics. So its gradient is not the derivative of the loss value: the
+/// soft targets move with the predictions (and so does CIoU's alpha, also a constant). Finite-difference
+/// checks must hold the assignment fixed (yolov8_assign + yolov8_loss_given).
+inline DetectionLossParts yolov8_detection_loss(const torch::Tensor& head, const DetectionLayout& layout,
+                                                const DetectionTarget& target, const DetectionLossOptions& options = {}) {
+  return yolov8_loss_given(head, layout, yolov8_assign(head, layout, target, options), options);
+}
+
 /// Detections of raw head outputs, per image an K x 6 tensor (x1, y1, x2, y2, score, class) in pixels of
 /// the image, clipped to it, by decreasing score: per anchor the best class, kept if its probability exceeds
 /// `conf`, then class-aware NMS at `iou`, at most `max_det` (ultralytics' single-label predict path).
 inline std::vector<torch::Tensor> decode_detections(const torch::Tensor& head, const DetectionLayout& layout,
                                                     double conf = 0.25, double iou = 0.7, int64_t max_det = 300) {
   const int64_t r = layout.reg_max, c = layout.num_classes;
-  TORCH_CHECK(head.dim() == 3 && head.size(1) == 4 * r + c, "tdfusion: detection head output must be N x ",
-              4 * r + c, " x A, got ", head.sizes());
+  split_head_output(head, layout);  // checks the shape
   TORCH_CHECK(max_det >= 0, "tdfusion: max_det must not be negative, got ", max_det);
   torch::NoGradGuard no_grad;
   const torch::Tensor out = head.to(torch::kCPU, torch::kFloat);
@@ -175,7 +200,9 @@ inline std::vector<torch::Tensor> decode_detections(const torch::Tensor& head, c
                   classes = cls.index_select(0, keep);
     if (scores.size(0) > kMaxNms) {
       const torch::Tensor top = std::get<1>(scores.topk(kMaxNms));
-      boxes = boxes.index_select(0, top), scores = scores.index_select(0, top), classes = classes.index_select(0, top);
+      boxes = boxes.index_select(0, top);
+      scores = scores.index_select(0, top);
+      classes = classes.index_select(0, top);
     }
     torch::Tensor kept = batched_nms(boxes, scores, classes, iou);
     kept = kept.narrow(0, 0, std::min(kept.size(0), max_det));

@@ -125,6 +125,7 @@ TORCH_MODULE(Concat);
 class Yolov8DetectorImpl : public torch::nn::Cloneable<Yolov8DetectorImpl> {
  public:
   using Target = DetectionTarget;
+  using Options = Yolov8DetectorOptions;
 
   explicit Yolov8DetectorImpl(Yolov8DetectorOptions options = {}) : options_(std::move(options)) {
     const auto& o = options_;

@@ -372,6 +372,7 @@ TORCH_MODULE(SegFormerHead);
 class SegFormerImpl : public torch::nn::Cloneable<SegFormerImpl> {
  public:
   using Target = torch::Tensor;  ///< N x H x W int64 class ids
+  using Options = SegFormerOptions;
 
   explicit SegFormerImpl(SegFormerOptions options = {}) : options_(std::move(options)) {
     TORCH_CHECK(options_.num_classes() > 0, "tdfusion: SegFormer needs num_classes > 0, got ", options_.num_classes());

@@ -22,6 +22,7 @@ struct SmallSegNetOptions {
 class SmallSegNetImpl : public torch::nn::Cloneable<SmallSegNetImpl> {
  public:
   using Target = torch::Tensor;  ///< N x H x W int64 class ids
+  using Options = SmallSegNetOptions;
 
   explicit SmallSegNetImpl(SmallSegNetOptions options = {}) : options_(options) {
     TORCH_CHECK(options.num_classes() > 0 && options.in_channels() > 0 && options.width() > 0,

@@ -1,0 +1,193 @@
+// The `tdfusion` command, run as a user would: outputs on real pairs, exit codes and messages on bad input.
+#include <doctest/doctest.h>
+
+#include "tdfusion/io/image.hpp"
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace {
+
+namespace fs = std::filesystem;
+const std::string kShared = TDFUSION_SHARED_DIR;
+
+struct Run {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+/// Runs the built `tdfusion` program with `arguments` (already quoted for the shell).
+Run run_cli(const std::string& arguments) {
+  const std::string command = std::string("'") + TDFUSION_CLI + "' " + arguments + " 2>&1";
+  Run run;
+  FILE* pipe = popen(command.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  std::array<char, 4096> buffer{};
+  while (fgets(buffer.data(), buffer.size(), pipe) != nullptr) run.output += buffer.data();
+  const int status = pclose(pipe);
+  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return run;
+}
+
+struct Scratch {
+  fs::path dir;
+  explicit Scratch(const std::string& name)
+      : dir(fs::temp_directory_path() / ("tdfusion_cli_" + name + "_" + std::to_string(::getpid()))) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  ~Scratch() { fs::remove_all(dir); }
+  std::string operator/(const std::string& name) const { return (dir / name).string(); }
+};
+
+std::string quoted(const std::string& path) { return "'" + path + "'"; }
+
+/// A folder `root/ir`, `root/vi` linking the first `count` pairs of a shared data set.
+void link_pairs(const std::string& set, const fs::path& root, size_t count) {
+  fs::create_directories(root / "ir");
+  fs::create_directories(root / "vi");
+  std::vector<fs::path> names;
+  for (const auto& entry : fs::directory_iterator(fs::path(kShared) / "data" / set / "ir")) names.push_back(entry.path());
+  std::sort(names.begin(), names.end());
+  for (size_t i = 0; i < std::min(count, names.size()); ++i) {
+    fs::create_symlink(names[i], root / "ir" / names[i].filename());
+    fs::create_symlink(fs::path(kShared) / "data" / set / "vi" / names[i].filename(), root / "vi" / names[i].filename());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("tdfusion fuse on real TNO and MSRS pairs writes images of the sources' size and mode") {
+  if (!fs::is_directory(kShared + "/data/tno")) {
+    MESSAGE("skipped: shared data folder " << kShared << "/data is absent");
+    return;
+  }
+  Scratch scratch("real");
+  for (const auto& [set, colour] : {std::pair<std::string, bool>{"tno", false}, {"msrs", true}}) {
+    link_pairs(set, scratch.dir / set, 2);
+    const Run run = run_cli("fuse --ir " + quoted(scratch / (set + "/ir")) + " --vi " + quoted(scratch / (set + "/vi")) +
+                             " --out " + quoted(scratch / (set + "/fused")));
+    INFO(run.output);
+    REQUIRE(run.exit_code == 0);
+    for (const auto& entry : fs::directory_iterator(scratch.dir / set / "ir")) {
+      const std::string stem = entry.path().stem().string();
+      const torch::Tensor source = tdfusion::io::read_image(entry.path().string());
+      const torch::Tensor fused = tdfusion::io::read_image(scratch / (set + "/fused/" + stem + ".png"));
+      CHECK(fused.size(1) == source.size(1));
+      CHECK(fused.size(2) == source.size(2));
+      CHECK(fused.size(0) == (colour ? 3 : 1));  // TNO is grey in RGB files; MSRS's visible images are colour
+      CHECK(fused.std().item<double>() > 0.02);   // an image, not a constant
+    }
+  }
+}
+
+TEST_CASE("tdfusion fuse fails with exit code 1 and names the file for bad data, leaving no output behind") {
+  Scratch scratch("bad");
+  const torch::Tensor image = torch::rand({1, 24, 32});
+  const std::string good = scratch / "good.png", other = scratch / "other.png";
+  tdfusion::io::write_image(good, image);
+  tdfusion::io::write_image(other, torch::rand({1, 20, 32}));
+  std::ofstream(scratch / "text.png") << "this is not an image";
+  {
+    std::ifstream in(good, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream(scratch / "truncated.png", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  auto fuse = [&](const std::string& ir, const std::string& vi, const std::string& out) {
+    return run_cli("fuse --ir " + quoted(ir) + " --vi " + quoted(vi) + " --out " + quoted(out));
+  };
+  struct Case {
+    std::string name, ir, vi, fragment;
+  };
+  const std::vector<Case> cases = {
+      {"different sizes", good, other, other},
+      {"truncated PNG", good, scratch / "truncated.png", "truncated.png"},
+      {"text file named .png", scratch / "text.png", good, "text.png"},
+      {"unreadable path", scratch / "absent.png", good, "absent.png"},
+  };
+  for (const Case& c : cases) {
+    const std::string out = scratch / ("out_" + std::to_string(&c - cases.data()) + ".png");
+    const Run run = fuse(c.ir, c.vi, out);
+    INFO(c.name << ": " << run.output);
+    CHECK(run.exit_code == 1);
+    CHECK(run.output.find(c.fragment) != std::string::npos);
+    CHECK(run.output.find("Exception raised from") == std::string::npos);  // a message, not a backtrace
+    CHECK_FALSE(fs::exists(out));
+  }
+
+  // Folders: a missing partner and an empty folder.
+  fs::create_directories(scratch.dir / "pairs/ir");
+  fs::create_directories(scratch.dir / "pairs/vi");
+  fs::create_directories(scratch.dir / "empty/ir");
+  fs::create_directories(scratch.dir / "empty/vi");
+  tdfusion::io::write_image(scratch / "pairs/ir/a.png", image);
+  tdfusion::io::write_image(scratch / "pairs/vi/a.png", image);
+  tdfusion::io::write_image(scratch / "pairs/ir/lonely.png", image);
+  Run run = fuse(scratch / "pairs/ir", scratch / "pairs/vi", scratch / "pairs/out");
+  CHECK(run.exit_code == 1);
+  CHECK(run.output.find("missing partner") != std::string::npos);
+  CHECK(run.output.find("lonely") != std::string::npos);
+  run = fuse(scratch / "empty/ir", scratch / "empty/vi", scratch / "empty/out");
+  CHECK(run.exit_code == 1);
+  CHECK(run.output.find("contains no images") != std::string::npos);
+}
+
+TEST_CASE("tdfusion usage errors exit with code 2; --help exits with 0") {
+  CHECK(run_cli("").exit_code == 2);
+  CHECK(run_cli("fuse --ir a.png").exit_code == 2);
+  CHECK(run_cli("frobnicate").exit_code == 2);
+  CHECK(run_cli("train --fusion resnet").exit_code == 2);
+  CHECK(run_cli("train --task-size 12by5").exit_code == 2);
+  for (const char* help : {"--help", "fuse --help", "train --help", "demo --help"}) {
+    const Run run = run_cli(help);
+    CHECK(run.exit_code == 0);
+    CHECK(run.output.find("Usage") != std::string::npos);
+  }
+}
+
+TEST_CASE("tdfusion train rejects labels with out-of-range class ids, naming the file") {
+  Scratch scratch("labels");
+  for (const char* folder : {"ir", "vi", "label"}) fs::create_directories(scratch.dir / folder);
+  tdfusion::io::write_image(scratch / "ir/a.png", torch::rand({1, 32, 32}));
+  tdfusion::io::write_image(scratch / "vi/a.png", torch::rand({1, 32, 32}));
+  tdfusion::io::write_image(scratch / "label/a.png", torch::full({1, 32, 32}, 7.0 / 255.0));  // class 7
+  const Run run = run_cli("train --data " + quoted(scratch.dir.string()) + " --classes 3 --fusion light --task small-seg"
+                           " --epochs 1 --meta-steps 1 --crop 16 --out " + quoted(scratch / "run"));
+  INFO(run.output);
+  CHECK(run.exit_code == 1);
+  CHECK(run.output.find("label/a.png") != std::string::npos);
+  CHECK(run.output.find("7") != std::string::npos);
+  CHECK_FALSE(fs::exists(scratch / "run/checkpoint.pt"));
+}
+
+TEST_CASE("tdfusion train on synthetic scenes writes a checkpoint, a JSON-lines log and weights; --resume continues") {
+  Scratch scratch("train");
+  const std::string common = " --fusion light --task small-seg --scenes 4 --scene-size 32 --crop 24 --meta-steps 1"
+                             " --fusion-lr 1e-3 --task-lr 1e-3 --out " + quoted(scratch / "run");
+  Run run = run_cli("train --epochs 1" + common);
+  INFO(run.output);
+  REQUIRE(run.exit_code == 0);
+  for (const char* file : {"run/checkpoint.pt", "run/log.jsonl", "run/fusion.pth"}) CHECK(fs::exists(scratch / file));
+  run = run_cli("train --epochs 2 --resume" + common);
+  REQUIRE(run.exit_code == 0);
+  CHECK(run.output.find("resuming") != std::string::npos);
+  CHECK(run.output.find("epoch 2/2") != std::string::npos);
+  CHECK(run.output.find("epoch 1/2") == std::string::npos);  // the first epoch is not run again
+  std::ifstream log(scratch / "run/log.jsonl");
+  int epochs = 0;
+  for (std::string line; std::getline(log, line);) epochs += line.find("\"kind\":\"epoch\"") != std::string::npos;
+  CHECK(epochs == 2);
+  // The written weights are a valid model for `fuse`.
+  tdfusion::io::write_image(scratch / "ir.png", torch::rand({1, 16, 16}));
+  tdfusion::io::write_image(scratch / "vi.png", torch::rand({1, 16, 16}));
+  run = run_cli("fuse --ir " + quoted(scratch / "ir.png") + " --vi " + quoted(scratch / "vi.png") + " --out " +
+                 quoted(scratch / "fused.png") + " --weights " + quoted(scratch / "run/fusion.pth"));
+  CHECK(run.exit_code == 0);
+  CHECK(fs::exists(scratch / "fused.png"));
+}
