@@ -43,8 +43,6 @@ class ParamView {
     return view;
   }
 
-  const std::string& prefix() const { return prefix_; }
-
  private:
   std::shared_ptr<ParamDict> owned_;
   const ParamDict* dict_;

@@ -13,10 +13,13 @@ Holder moved_to(Holder holder, const BilevelOptions& options) {
   return holder;
 }
 
-inline void check_loss_finite(const torch::Tensor& loss, const char* what, int64_t epoch, uint64_t counter) {
-  TORCH_CHECK(std::isfinite(loss.item<double>()), "tdfusion: the ", what, " is not finite (", loss.item<double>(),
-              ") at epoch ", epoch, ", sample ", counter,
+/// The loss's value (one device sync), after checking that it is finite.
+inline double finite_loss(const torch::Tensor& loss, const char* what, int64_t epoch, uint64_t counter) {
+  const double value = loss.item<double>();
+  TORCH_CHECK(std::isfinite(value), "tdfusion: the ", what, " is not finite (", value, ") at epoch ", epoch,
+              ", sample ", counter,
               "; training stopped before updating any weights (check the data and the learning rates)");
+  return value;
 }
 }  // namespace detail
 
@@ -107,7 +110,7 @@ void BilevelOptimizer<F, G, T, I, O>::look_ahead(const Batch& train) {
     fused = fusion_->forward(train.ir, train.vi);
   }
   const torch::Tensor loss = task_->loss(fused, train.target);
-  detail::check_loss_finite(loss, "look-ahead task loss", epoch_, sample_counter_);
+  detail::finite_loss(loss, "look-ahead task loss", epoch_, sample_counter_);
   task_optimizer_.zero_grad();
   loss.backward();
   task_optimizer_.step();
@@ -122,11 +125,11 @@ MetaStepReport BilevelOptimizer<F, G, T, I, O>::meta_step(const Batch& meta_trai
   if (options_.task_lookahead()) look_ahead(train);
 
   const MetaLosses losses = meta_losses(train, test);
-  detail::check_loss_finite(losses.outer_task_loss, "outer task loss", epoch_, sample_counter_);
+  MetaStepReport report;
+  report.task_loss = detail::finite_loss(losses.outer_task_loss, "outer task loss", epoch_, sample_counter_);
   const std::vector<torch::Tensor> phi = trainable(*loss_generator_);
   TORCH_CHECK(!phi.empty(), "tdfusion: the loss generator has no trainable parameters: there is nothing to meta-learn");
   const std::vector<torch::Tensor> hypergrad = gradients(losses.outer_task_loss, phi);
-  MetaStepReport report;
   report.hypergradient_max = outer_update_.step(phi, hypergrad, beta(options_.meta_lr()));
 
   {
@@ -137,7 +140,6 @@ MetaStepReport BilevelOptimizer<F, G, T, I, O>::meta_step(const Batch& meta_trai
   task_optimizer_.zero_grad();
   report.epoch = epoch_;
   report.fusion_loss = losses.inner_fusion_loss.template item<double>();
-  report.task_loss = losses.outer_task_loss.template item<double>();
   return report;
 }
 
@@ -155,11 +157,10 @@ TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
   const torch::Tensor fused_crop = fusion_->forward(batch.ir_crop, batch.vi_crop);
   const torch::Tensor fusion_loss =
       loss::fusion_loss(fused_crop, batch.ir_crop, batch.vi_crop, weights, options_.gradient_weight()).total;
-  detail::check_loss_finite(fusion_loss, "fusion loss", epoch_, sample_counter_);
+  report.fusion_loss = detail::finite_loss(fusion_loss, "fusion loss", epoch_, sample_counter_);
   fusion_optimizer_.zero_grad();
   fusion_loss.backward();
   fusion_optimizer_.step();
-  report.fusion_loss = fusion_loss.item<double>();
 
   torch::Tensor fused;
   {
@@ -167,11 +168,10 @@ TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
     fused = fusion_->forward(batch.ir, batch.vi);
   }
   const torch::Tensor task_loss = task_->loss(fused, batch.target);
-  detail::check_loss_finite(task_loss, "task loss", epoch_, sample_counter_);
+  report.task_loss = detail::finite_loss(task_loss, "task loss", epoch_, sample_counter_);
   task_optimizer_.zero_grad();
   task_loss.backward();
   task_optimizer_.step();
-  report.task_loss = task_loss.item<double>();
   return report;
 }
 
