@@ -18,6 +18,8 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <limits>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -115,7 +117,7 @@ int run_fuse(const FuseArgs& args) {
 struct TrainArgs {
   std::string data, labels, out = "tdfusion-run", fusion = "refusion", loss = "lpn", task = "small-seg",
               device = "cpu", task_size;
-  int64_t epochs = 10, meta_steps = 20, classes = 9, crop = 128, scenes = 32, scene_size = 128;
+  int64_t epochs = 10, meta_steps = 20, classes = 9, crop = 128, scenes = 32, scene_size = 128, val_every = 0;
   double fusion_lr = 1e-4, task_lr = 1e-4, meta_lr = 0.0;
   uint64_t seed = 0;
   bool resume = false;
@@ -138,6 +140,7 @@ class ProgressBar {
     std::cout << "epoch " << r.epoch + 1 << "/" << epochs_ << ": fusion loss " << r.fusion_loss << ", task loss "
               << r.task_loss << ", lr " << r.learning_rate << std::endl;
   }
+  void operator()(const meta::ValidationReport& r) const { std::cout << "  " << meta::format_validation(r) << std::endl; }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -174,6 +177,11 @@ class JsonLinesLog {
     write({{"kind", "epoch"}, {"epoch", r.epoch}, {"fusion_loss", r.fusion_loss}, {"task_loss", r.task_loss},
            {"learning_rate", r.learning_rate}});
   }
+  void operator()(const meta::ValidationReport& r) const {
+    write({{"kind", "validation"}, {"epoch", r.epoch}, {"samples", r.samples}, {"task_loss", r.task_loss},
+           {"task_metrics", metrics::to_json(r.task.summary)}, {"task_metrics_per_class", metrics::to_json(r.task.per_class)},
+           {"protocol", metrics::protocol_name(r.protocol)}, {"fusion_metrics", metrics::to_json(r.fusion)}});
+  }
 
  private:
   void write(const nlohmann::json& record) const { *out_ << record.dump() << std::endl; }
@@ -189,9 +197,28 @@ std::pair<int64_t, int64_t> parse_size(const std::string& text) {
   return {h, w};
 }
 
+/// Writes `text` to `path` atomically.
+void write_text(const std::string& path, const std::string& text) {
+  io::write_file_atomically(path, [&](const std::string& temp) {
+    std::ofstream out(temp);
+    out << text;
+    TORCH_CHECK(out.good(), "tdfusion: writing ", temp, " failed");
+  });
+}
+
+/// RUN/config.json: what `tdfusion eval --task-run RUN` needs to rebuild the task network.
+void write_run_config(const TrainArgs& args) {
+  const nlohmann::json config = {{"fusion", args.fusion}, {"loss", args.loss},      {"task", args.task},
+                                 {"classes", args.classes}, {"task_size", args.task_size}, {"crop", args.crop},
+                                 {"data", args.data},     {"labels", args.labels},  {"val_every", args.val_every},
+                                 {"seed", args.seed}};
+  write_text((fs::path(args.out) / "config.json").string(), config.dump(2) + "\n");
+}
+
 template <class Fusion, class LossGenerator, class Task, class Dataset>
-int train(const TrainArgs& args, const Dataset& dataset) {
+int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dataset>& validation) {
   fs::create_directories(args.out);
+  write_run_config(args);
   const std::string checkpoint = (fs::path(args.out) / "checkpoint.pt").string();
   auto options = meta::BilevelOptions()
                      .epochs(args.epochs).meta_steps_per_epoch(args.meta_steps)
@@ -203,6 +230,7 @@ int train(const TrainArgs& args, const Dataset& dataset) {
     trainer.load(checkpoint);
     std::cout << "resuming " << checkpoint << " at epoch " << trainer.epoch() + 1 << '\n';
   }
+  if (validation) trainer.set_validation(*validation);
   const bool learns_loss = !trainer.loss_generator()->parameters().empty();
   trainer.fit(dataset, ProgressBar(args.epochs, learns_loss ? args.meta_steps : 0, static_cast<int64_t>(dataset.size())),
               JsonLinesLog((fs::path(args.out) / "log.jsonl").string()));
@@ -213,12 +241,12 @@ int train(const TrainArgs& args, const Dataset& dataset) {
 }
 
 template <class Task, class Dataset>
-int pick_policies(const TrainArgs& args, const Dataset& dataset) {
+int pick_policies(const TrainArgs& args, const Dataset& dataset, const std::optional<Dataset>& validation) {
   const bool light = args.fusion == "light", fixed = args.loss == "fixed";
-  if (light && fixed) return train<fusion::LightFusion, lossgen::FixedWeights, Task>(args, dataset);
-  if (light) return train<fusion::LightFusion, lossgen::Lpn, Task>(args, dataset);
-  if (fixed) return train<fusion::ReFusion, lossgen::FixedWeights, Task>(args, dataset);
-  return train<fusion::ReFusion, lossgen::Lpn, Task>(args, dataset);
+  if (light && fixed) return train<fusion::LightFusion, lossgen::FixedWeights, Task>(args, dataset, validation);
+  if (light) return train<fusion::LightFusion, lossgen::Lpn, Task>(args, dataset, validation);
+  if (fixed) return train<fusion::ReFusion, lossgen::FixedWeights, Task>(args, dataset, validation);
+  return train<fusion::ReFusion, lossgen::Lpn, Task>(args, dataset, validation);
 }
 
 /// Builds the data set for the task's label type (folder or synthetic scenes) and trains.
@@ -226,16 +254,17 @@ template <class Target>
 int train_on(TrainArgs args) {
   std::pair<int64_t, int64_t> task_size{0, 0};
   if (!args.task_size.empty()) task_size = parse_size(args.task_size);
-  auto dispatch = [&args](const auto& dataset) {
+  auto dispatch = [&args](const auto& dataset, const auto& validation) {
     if constexpr (data::kIsDetection<Target>) {
-      if (args.task == "yolov8") return pick_policies<task::Yolov8Detector>(args, dataset);
-      return pick_policies<task::SmallDetector>(args, dataset);
+      if (args.task == "yolov8") return pick_policies<task::Yolov8Detector>(args, dataset, validation);
+      return pick_policies<task::SmallDetector>(args, dataset, validation);
     } else {
-      if (args.task == "segformer") return pick_policies<task::SegFormer>(args, dataset);
-      return pick_policies<task::SmallSegNet>(args, dataset);
+      if (args.task == "segformer") return pick_policies<task::SegFormer>(args, dataset, validation);
+      return pick_policies<task::SmallSegNet>(args, dataset, validation);
     }
   };
   if (args.data.empty()) {
+    if (args.val_every > 0) throw CLI::ValidationError("--val-every", "needs --data (a folder to split)");
     args.classes = data::kIsDetection<Target> ? data::kSceneDetectionClasses : data::kSceneClasses;
     const int64_t s = args.scene_size;
     auto options = data::SyntheticScenesOptions().count(args.scenes).scene_height(s).scene_width(s)
@@ -243,14 +272,22 @@ int train_on(TrainArgs args) {
                        .task_width(task_size.second > 0 ? task_size.second : s)
                        .crop_size(args.crop).seed(args.seed);
     std::cout << "training on " << args.scenes << " synthetic scenes of " << s << "x" << s << '\n';
-    return dispatch(data::SyntheticScenesFor<Target>(options));
+    return dispatch(data::SyntheticScenesFor<Target>(options), std::optional<data::SyntheticScenesFor<Target>>());
   }
   auto options = data::PairedFolderOptions().crop_size(args.crop).num_classes(args.classes).seed(args.seed)
                      .label_dir(args.labels).require_labels(true)
                      .task_height(task_size.first).task_width(task_size.second);
   const data::PairedFolderFor<Target> folder(args.data, options);
-  std::cout << "training on " << folder.size() << " pairs in " << args.data << '\n';
-  return dispatch(folder);
+  if (args.val_every == 0) {
+    std::cout << "training on " << folder.size() << " pairs in " << args.data << '\n';
+    return dispatch(folder, std::optional<data::PairedFolderFor<Target>>());
+  }
+  const data::HoldoutSplit split = data::every_nth_holdout(folder.size(), static_cast<size_t>(args.val_every));
+  std::cout << "training on " << split.train.size() << " pairs in " << args.data << ", validating on "
+            << split.held_out.size() << " (every " << args.val_every << "-th pair in sorted order, from "
+            << folder.pairs()[split.held_out.front()].stem << ")\n";
+  const data::PairedFolderFor<Target> held_out(args.data, options.flip(false));
+  return dispatch(folder.subset(split.train), std::make_optional(held_out.subset(split.held_out)));
 }
 
 int run_train(const TrainArgs& args) {
@@ -261,9 +298,47 @@ int run_train(const TrainArgs& args) {
 // ---------------------------------------------------------------------------------------------- eval
 
 struct EvalArgs {
-  std::string ir, vi, protocol = "tdfusion", json, csv, markdown, chart, dataset;
+  std::string ir, vi, protocol = "tdfusion", json, csv, markdown, chart, dataset, task_run, labels;
   std::vector<std::string> fused;  // DIR or LABEL=DIR
 };
+
+/// Adds the task metrics of the task network trained in `run` (its config.json and checkpoint.pt) to every table.
+template <class Task>
+void add_task_metrics(std::vector<metrics::EvaluationTable>& tables, const std::string& run, const nlohmann::json& config,
+                      const std::string& labels) {
+  Task task(typename Task::ContainedType::Options().num_classes(config.at("classes").get<int64_t>()));
+  io::CheckpointState state;
+  state.modules = {{"task", task.ptr()}};
+  io::load_checkpoint((fs::path(run) / "checkpoint.pt").string(), state);
+  const std::string size = config.at("task_size").get<std::string>();
+  const auto [height, width] = size.empty() ? std::pair<int64_t, int64_t>{0, 0} : parse_size(size);
+  for (auto& table : tables) {
+    const metrics::TaskMetrics result = metrics::evaluate_task(task, table, labels, height, width);
+    table.task = result.summary;
+    table.task_per_class = result.per_class;
+    table.task_description = config.at("task").get<std::string>() + " trained in " + run + " (input " +
+                             (size.empty() ? std::string("each image's size") : size) + "), labels " + labels;
+  }
+}
+
+/// The task metrics of `tdfusion eval --task-run RUN --labels DIR`.
+void add_task_metrics(std::vector<metrics::EvaluationTable>& tables, const std::string& run, const std::string& labels) {
+  const std::string config_path = (fs::path(run) / "config.json").string();
+  std::ifstream in(config_path);
+  TORCH_CHECK(in.good(), "tdfusion: cannot read ", config_path, " (--task-run expects a `tdfusion train` output folder)");
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(in);
+    const std::string task = config.at("task").get<std::string>();
+    if (task == "small-det") return add_task_metrics<task::SmallDetector>(tables, run, config, labels);
+    if (task == "yolov8") return add_task_metrics<task::Yolov8Detector>(tables, run, config, labels);
+    if (task == "small-seg") return add_task_metrics<task::SmallSegNet>(tables, run, config, labels);
+    if (task == "segformer") return add_task_metrics<task::SegFormer>(tables, run, config, labels);
+    TORCH_CHECK(false, "tdfusion: ", config_path, " names an unknown task '", task, "'");
+  } catch (const nlohmann::json::exception& error) {
+    TORCH_CHECK(false, "tdfusion: ", config_path, " is not a valid run configuration: ", error.what());
+  }
+}
 
 int run_eval(const EvalArgs& args, int threads) {
   std::vector<std::pair<std::string, std::string>> methods;
@@ -281,14 +356,8 @@ int run_eval(const EvalArgs& args, int threads) {
     methods.emplace_back(generic ? path.parent_path().filename().string() : name.string(), entry);
   }
   const auto options = metrics::FolderEvaluationOptions().protocol(metrics::parse_protocol(args.protocol)).threads(threads);
-  const std::vector<metrics::EvaluationTable> tables = metrics::evaluate_methods(args.ir, args.vi, methods, options);
-  auto write_text = [](const std::string& path, const std::string& text) {
-    io::write_file_atomically(path, [&](const std::string& temp) {
-      std::ofstream out(temp);
-      out << text;
-      TORCH_CHECK(out.good(), "tdfusion: writing ", temp, " failed");
-    });
-  };
+  std::vector<metrics::EvaluationTable> tables = metrics::evaluate_methods(args.ir, args.vi, methods, options);
+  if (!args.task_run.empty()) add_task_metrics(tables, args.task_run, args.labels);
   for (const auto& table : tables) std::cout << metrics::format_table(table) << '\n';
   const std::string markdown = metrics::format_markdown_comparison(tables, 4, args.dataset);
   if (tables.size() > 1) std::cout << markdown << '\n';
@@ -383,6 +452,9 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--seed", train.seed)->capture_default_str();
   train_cmd->add_option("--device", train.device, "cpu or cuda")->capture_default_str();
   train_cmd->add_flag("--resume", train.resume, "continue from OUT/checkpoint.pt");
+  train_cmd->add_option("--val-every", train.val_every,
+                        "hold out every n-th pair (sorted by name) and validate on them after each epoch")
+      ->check(CLI::Range(int64_t{2}, std::numeric_limits<int64_t>::max()));
 
   EvalArgs eval;
   CLI::App* eval_cmd = app.add_subcommand("eval", "fusion metrics of one or more fused folders (both community protocols)");
@@ -396,6 +468,11 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--markdown", eval.markdown, "write the comparison as a Markdown table");
   eval_cmd->add_option("--chart", eval.chart, "write the comparison as a PNG bar chart");
   eval_cmd->add_option("--dataset", eval.dataset, "data set name for the Markdown caption");
+  CLI::Option* task_run = eval_cmd->add_option("--task-run", eval.task_run,
+                                               "a `tdfusion train` folder: add its task network's metrics (mIoU or AP)");
+  eval_cmd->add_option("--labels", eval.labels, "the task labels of the images (YOLO .txt or class-id PNG), with --task-run")
+      ->needs(task_run);
+  task_run->needs(eval_cmd->get_option("--labels"));
 
   std::string demo_out = "tdfusion-demo", demo_weights, shared_dir = TDFUSION_SHARED_DIR "/data";
   CLI::App* demo_cmd = app.add_subcommand("demo", "fuse a built-in synthetic pair and the shared data pairs, if present");

@@ -191,3 +191,55 @@ TEST_CASE("tdfusion train on synthetic scenes writes a checkpoint, a JSON-lines 
   CHECK(run.exit_code == 0);
   CHECK(fs::exists(scratch / "fused.png"));
 }
+
+TEST_CASE("tdfusion train --val-every validates on held-out MSRS pairs; eval --task-run adds the detector's AP") {
+  if (!fs::is_directory(fs::path(kShared) / "data" / "msrs")) {
+    MESSAGE("skipped: " << kShared << "/data/msrs is absent");
+    return;
+  }
+  Scratch scratch("validate");
+  link_pairs("msrs", scratch.dir / "data", 8);
+  const fs::path shared_labels = fs::path(kShared) / "data" / "msrs" / "det_labels" / "fusion";
+  fs::create_directories(scratch.dir / "labels");
+  for (const auto& entry : fs::directory_iterator(scratch.dir / "data" / "ir")) {
+    const std::string name = entry.path().stem().string() + ".txt";
+    fs::create_symlink(shared_labels / name, scratch.dir / "labels" / name);
+  }
+  Run run = run_cli("train --data " + quoted(scratch / "data") + " --labels " + quoted(scratch / "labels") +
+                    " --classes 3 --task small-det --fusion light --loss fixed --task-size 48x64 --crop 32"
+                    " --epochs 1 --val-every 4 --out " + quoted(scratch / "run"));
+  INFO(run.output);
+  REQUIRE(run.exit_code == 0);
+  CHECK(run.output.find("validating on 2 (every 4-th pair") != std::string::npos);
+  CHECK(run.output.find("validation (2 images): task loss") != std::string::npos);
+  std::ifstream log(scratch / "run/log.jsonl");
+  int validations = 0;
+  for (std::string line; std::getline(log, line);) {
+    if (line.find("\"kind\":\"validation\"") == std::string::npos) continue;
+    ++validations;
+    CHECK(line.find("\"AP50:95\"") != std::string::npos);
+    CHECK(line.find("\"Qabf\"") != std::string::npos);
+  }
+  CHECK(validations == 1);
+  CHECK(fs::exists(scratch / "run/config.json"));
+
+  const std::string sources = " --ir " + quoted(scratch / "data/ir") + " --vi " + quoted(scratch / "data/vi");
+  REQUIRE(run_cli("fuse" + sources + " --out " + quoted(scratch / "fused") + " --weights " +
+                  quoted(scratch / "run/fusion.pth")).exit_code == 0);
+  const std::string eval = "eval" + sources + " --fused " + quoted(scratch / "fused") + " --task-run " +
+                           quoted(scratch / "run") + " --labels ";
+  run = run_cli(eval + quoted(scratch / "labels"));
+  CHECK(run.exit_code == 0);
+  CHECK(run.output.find("task metrics over the 8 images (small-det trained in") != std::string::npos);
+  CHECK(run.output.find("AP50:95") != std::string::npos);
+
+  fs::remove(scratch.dir / "labels" / "00004N.txt");
+  run = run_cli(eval + quoted(scratch / "labels"));
+  CHECK(run.exit_code == 1);
+  CHECK(run.output.find("no label for fused image") != std::string::npos);
+  CHECK(run.output.find("00004N.png") != std::string::npos);
+  run = run_cli("eval" + sources + " --fused " + quoted(scratch / "fused") + " --task-run " + quoted(scratch / "data") +
+                " --labels " + quoted(scratch / "labels"));
+  CHECK(run.exit_code == 1);
+  CHECK(run.output.find("config.json") != std::string::npos);
+}

@@ -20,6 +20,7 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace io = tdfusion::io;
+namespace data = tdfusion::data;
 using tdfusion::data::PairedFolder;
 using tdfusion::data::PairedFolderOptions;
 
@@ -429,6 +430,26 @@ TEST_CASE("PairedFolder serves reproducible, aligned batches with labels followi
   // Labels out of range are reported when read.
   CHECK_THROWS_WITH_AS(PairedFolder(dir.path.string(), PairedFolderOptions().num_classes(3)).get(0),
                        doctest::Contains("pair0.png"), c10::Error);
+}
+
+TEST_CASE("a fixed hold-out split and subsets of a PairedFolder") {
+  const data::HoldoutSplit split = data::every_nth_holdout(10, 4);
+  CHECK(split.held_out == std::vector<size_t>{3, 7});
+  CHECK(split.train == std::vector<size_t>{0, 1, 2, 4, 5, 6, 8, 9});
+  CHECK_THROWS_WITH_AS(data::every_nth_holdout(10, 1), doctest::Contains("every >= 2"), c10::Error);
+  CHECK_THROWS_WITH_AS(data::every_nth_holdout(3, 4), doctest::Contains("leaves no pair held out"), c10::Error);
+
+  ScratchDir dir("subset");
+  make_pair_folder(dir.path, 4, 12, 16, /*labels=*/true);
+  const PairedFolder folder(dir.path.string(), PairedFolderOptions().crop_size(8).num_classes(5).flip(false));
+  const PairedFolder part = folder.subset({3, 1});
+  REQUIRE(part.size() == 2);
+  CHECK(part.pairs()[0].stem == "pair3");
+  CHECK(part.pairs()[1].stem == "pair1");
+  CHECK(torch::equal(part.get(0).vi, folder.get(3).vi));
+  CHECK(torch::equal(part.get(3).target, folder.get(1).target));  // counters cycle through the subset
+  CHECK_THROWS_WITH_AS(folder.subset({4}), doctest::Contains("out of range"), c10::Error);
+  CHECK_THROWS_WITH_AS(folder.subset({}), doctest::Contains("at least one pair"), c10::Error);
 }
 
 TEST_CASE("PairedFolder validates the folder layout and names the offending files") {

@@ -7,6 +7,8 @@
 #include "tdfusion/lossgen/lpn.hpp"
 #include "tdfusion/meta/bilevel_optimizer.hpp"
 #include "tdfusion/data/synthetic_scenes.hpp"
+#include "tdfusion/metrics/task_evaluation.hpp"
+#include "tdfusion/task/detection.hpp"
 #include "tdfusion/task/segmentation.hpp"
 
 #include <cmath>
@@ -272,4 +274,104 @@ TEST_CASE("resuming from a checkpoint continues the same run") {
   CHECK(close(straight.loss_generator()->parameters(), resumed.loss_generator()->parameters()));
   CHECK(close(straight.task()->parameters(), resumed.task()->parameters()));
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("validation reports the task loss, mIoU and fusion metrics of the fused validation images") {
+  LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(1));
+  const data::SyntheticScenes scenes = small_scenes();
+  trainer.fit(scenes);
+  trainer.task()->train();
+  const auto fusion_before = snapshot(trainer.fusion()->parameters());
+  const auto task_before = snapshot(trainer.task()->parameters());
+  const meta::ValidationReport report =
+      trainer.validate(scenes, meta::ValidationOptions().protocol(metrics::Protocol::cddfuse));
+  CHECK(all_equal(fusion_before, trainer.fusion()->parameters()));
+  CHECK(all_equal(task_before, trainer.task()->parameters()));
+  CHECK(trainer.fusion()->is_training());  // modes are restored
+  CHECK(trainer.task()->is_training());
+
+  // The same quantities composed by hand from the networks and the metric functions.
+  torch::NoGradGuard no_grad;
+  trainer.fusion()->eval();
+  trainer.task()->eval();
+  double loss = 0.0;
+  metrics::ConfusionMatrix confusion(data::kSceneClasses);
+  std::vector<double> sums(9, 0.0);
+  for (uint64_t i = 0; i < scenes.size(); ++i) {
+    const SegBatch b = scenes.get(i);
+    const torch::Tensor fused = trainer.fusion()->forward(b.ir, b.vi);
+    loss += trainer.task()->loss(fused, b.target).item<double>();
+    metrics::update(confusion, trainer.task()->forward(fused), b.target);
+    const metrics::MetricRow row = metrics::evaluate_fusion(metrics::to_grey8(b.ir[0]), metrics::to_grey8(b.vi[0]),
+                                                            metrics::to_grey8(fused[0]), metrics::Protocol::cddfuse);
+    for (size_t m = 0; m < sums.size(); ++m) sums[m] += row.values[m].second;
+  }
+  const double n = static_cast<double>(scenes.size());
+  CHECK(report.epoch == 0);
+  CHECK(report.samples == static_cast<int64_t>(scenes.size()));
+  CHECK(report.task_loss == doctest::Approx(loss / n).epsilon(1e-12));
+  REQUIRE(report.task.summary.values.size() == 2);
+  CHECK(report.task.summary.at("mIoU") == doctest::Approx(confusion.mean_iou()).epsilon(1e-12));
+  CHECK(report.task.summary.at("pixel_accuracy") == doctest::Approx(confusion.pixel_accuracy()).epsilon(1e-12));
+  CHECK(report.task.per_class.at("IoU[2]") == doctest::Approx(confusion.iou()[2]).epsilon(1e-12));
+  REQUIRE(report.fusion.values.size() == 9);
+  for (size_t m = 0; m < sums.size(); ++m) {
+    CHECK_MESSAGE(report.fusion.values[m].second == doctest::Approx(sums[m] / n).epsilon(1e-12),
+                  report.fusion.values[m].first);
+  }
+  CHECK(meta::format_validation(report).find("mIoU") != std::string::npos);
+}
+
+TEST_CASE("fit validates every n-th epoch, and a validation callback can stop training") {
+  LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(4).meta_steps_per_epoch(0));
+  trainer.set_validation(small_scenes(), meta::ValidationOptions().every_epochs(2).fusion_metrics(false));
+  std::vector<int64_t> validated;
+  trainer.fit(small_scenes(), [&](const meta::ValidationReport& r) {
+    CHECK(r.fusion.values.empty());
+    CHECK(r.task.summary.values.size() == 2);
+    validated.push_back(r.epoch);
+  });
+  CHECK(validated == std::vector<int64_t>{1, 3});
+
+  LightTrainer stopped = light_trainer(meta::BilevelOptions().epochs(4).meta_steps_per_epoch(0));
+  stopped.set_validation(small_scenes(), meta::ValidationOptions().fusion_metrics(false));
+  stopped.fit(small_scenes(), [](const meta::ValidationReport&) { return true; });
+  CHECK(stopped.epoch() == 1);  // the validated epoch counts; training stops after it
+  CHECK_THROWS_WITH_AS(stopped.set_validation(small_scenes(), meta::ValidationOptions().every_epochs(0)),
+                       doctest::Contains("every_epochs must be positive"), c10::Error);
+}
+
+TEST_CASE("validation of a detection task reports COCO-style AP of the detector's boxes") {
+  using DetTrainer = meta::BilevelOptimizer<fusion::LightFusion, lossgen::FixedWeights, task::SmallDetector>;
+  torch::manual_seed(12);
+  DetTrainer trainer(fusion::LightFusion(), lossgen::FixedWeights(),
+                     task::SmallDetector(task::SmallDetectorOptions().num_classes(data::kSceneDetectionClasses)),
+                     meta::BilevelOptions().epochs(8).fusion_lr(3e-3).task_lr(1e-2));
+  const data::SyntheticDetectionScenes scenes(data::SyntheticScenesOptions().count(6).scene_height(64).scene_width(64)
+                                                  .task_height(64).task_width(64).crop_size(48).seed(4));
+  trainer.fit(scenes);
+  const meta::ValidationReport report = trainer.validate(scenes);
+  std::vector<std::string> names;
+  for (const auto& value : report.task.summary.values) names.push_back(value.first);
+  CHECK(names == std::vector<std::string>{"AP50", "AP50:95", "P", "R"});
+  CHECK(report.task.per_class.values.size() == static_cast<size_t>(data::kSceneDetectionClasses));
+  CHECK(report.fusion.values.size() == 6);  // the tdfusion protocol by default
+
+  // The evaluator fed by hand with the detector's boxes (ultralytics' validation thresholds).
+  torch::NoGradGuard no_grad;
+  trainer.fusion()->eval();
+  metrics::DetectionEvaluator evaluator(data::kSceneDetectionClasses);
+  for (uint64_t i = 0; i < scenes.size(); ++i) {
+    const auto b = scenes.get(i);
+    const torch::Tensor d = trainer.task()->detect(trainer.fusion()->forward(b.ir, b.vi), 0.001, 0.7, 300)[0];
+    const torch::Tensor gt = b.target.image_boxes(0);
+    const torch::Tensor xyxy = task::xywh_to_xyxy(gt.narrow(1, 1, 4)) * 64.0;
+    evaluator.add_image(metrics::boxes_from_tensors(d.narrow(1, 0, 4), d.select(1, 5), d.select(1, 4)),
+                        metrics::boxes_from_tensors(xyxy, gt.select(1, 0)));
+  }
+  const metrics::DetectionMetrics expected = evaluator.compute();
+  MESSAGE("validation AP50 " << report.task.summary.at("AP50") << ", AP50:95 " << report.task.summary.at("AP50:95"));
+  REQUIRE(expected.map50 > 0.0);  // some boxes are found, so the comparison is not between two zeros
+  CHECK(report.task.summary.at("AP50") == doctest::Approx(expected.map50).epsilon(1e-12));
+  CHECK(report.task.summary.at("AP50:95") == doctest::Approx(expected.map50_95).epsilon(1e-12));
 }

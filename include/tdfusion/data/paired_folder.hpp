@@ -125,6 +125,21 @@ inline std::vector<PairPaths> match_pairs(const std::string& ir_dir, const std::
   return pairs;
 }
 
+/// A fixed split of `count` items (e.g. pairs sorted by stem): item i is held out when i % every == every - 1,
+/// so every `every`-th item is held out, spread evenly over the sorted order.
+struct HoldoutSplit {
+  std::vector<size_t> train, held_out;
+};
+
+inline HoldoutSplit every_nth_holdout(size_t count, size_t every) {
+  TORCH_CHECK(every >= 2, "tdfusion: a hold-out split needs every >= 2 (every n-th pair held out), got ", every);
+  TORCH_CHECK(count >= every, "tdfusion: holding out every ", every, "-th pair of ", count,
+              " leaves no pair held out");
+  HoldoutSplit split;
+  for (size_t i = 0; i < count; ++i) (i % every == every - 1 ? split.held_out : split.train).push_back(i);
+  return split;
+}
+
 /// Infrared / visible pairs from `root/ir` and `root/vi`, matched by file stem and sorted by stem, with
 /// optional labels in `root/label` (or options.label_dir()):
 /// - Target = torch::Tensor (`PairedFolder`): class-id maps, single-channel PNG with pixel value = class id
@@ -191,6 +206,19 @@ class PairedFolderFor {
   size_t size() const { return pairs_.size(); }
 
   const std::vector<PairPaths>& pairs() const { return pairs_; }
+
+  /// The same data set restricted to the pairs at `indices` (into pairs(), in the order given).
+  PairedFolderFor subset(const std::vector<size_t>& indices) const {
+    TORCH_CHECK(!indices.empty(), "tdfusion: PairedFolder '", root_, "': a subset needs at least one pair");
+    PairedFolderFor part = *this;
+    part.pairs_.clear();
+    for (const size_t i : indices) {
+      TORCH_CHECK(i < pairs_.size(), "tdfusion: PairedFolder '", root_, "' has ", pairs_.size(),
+                  " pairs; subset index ", i, " is out of range");
+      part.pairs_.push_back(pairs_[i]);
+    }
+    return part;
+  }
 
   /// Batch of one: ir / vi (1 x 1 x h x w), the target (1 x h x w int64 map, or the image's boxes), and
   /// ir_crop / vi_crop (1 x 1 x c x c, c = crop_size clamped to the image's height and width).

@@ -3,6 +3,7 @@
 // sources' chroma. Grey in, grey out.
 
 #include "tdfusion/core/checks.hpp"
+#include "tdfusion/core/eval_mode.hpp"
 #include "tdfusion/fusion/tiled_fusion.hpp"
 #include "tdfusion/io/colour.hpp"
 
@@ -31,7 +32,7 @@ torch::Tensor fuse_images(FusionNet& net, const torch::Tensor& ir_image, const t
   TORCH_CHECK(ir_image.size(-1) == vi_image.size(-1) && ir_image.size(-2) == vi_image.size(-2),
               "tdfusion: infrared (", ir_image.sizes(), ") and visible (", vi_image.sizes(), ") images differ in size");
   torch::NoGradGuard no_grad;
-  net->eval();
+  const EvalMode eval(*net);
   const auto dtype = net->parameters().front().scalar_type();
   const torch::Tensor ir = luminance(ir_image).unsqueeze(0).to(options.device(), dtype);
   const torch::Tensor vi = luminance(vi_image).unsqueeze(0).to(options.device(), dtype);

@@ -26,6 +26,7 @@
 // derives its randomness from the counter makes runs reproducible and resumable.
 
 #include "tdfusion/core/autograd.hpp"
+#include "tdfusion/core/eval_mode.hpp"
 #include "tdfusion/core/param_view.hpp"
 #include "tdfusion/core/traits.hpp"
 #include "tdfusion/data/pair_batch.hpp"
@@ -35,9 +36,11 @@
 #include "tdfusion/meta/options.hpp"
 #include "tdfusion/meta/update_policies/max_normalized_sgd.hpp"
 #include "tdfusion/meta/update_policies/sgd_fast_weights.hpp"
+#include "tdfusion/meta/validation.hpp"
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -93,9 +96,19 @@ class BilevelOptimizer {
   TrainStepReport train_step(const Batch& batch);
 
   /// Trains from the current epoch to options.epochs(); see the class comment for datasets and
-  /// callbacks.hpp for callbacks. Writes a checkpoint after every epoch when options.checkpoint_path() is set.
+  /// callbacks.hpp for callbacks. Writes a checkpoint after every epoch when options.checkpoint_path() is set,
+  /// then, with a validation set (set_validation), validates and hands callbacks a ValidationReport.
   template <class Dataset, class... Callbacks>
   void fit(const Dataset& dataset, Callbacks&&... callbacks);
+
+  /// Evaluates F and T on every sample of `dataset` (counters 0 .. size-1, no modality swap), in inference
+  /// mode: the mean task loss, the task's metrics and the fusion metrics (see validation.hpp). Changes nothing.
+  template <class Dataset>
+  ValidationReport validate(const Dataset& dataset, const ValidationOptions& options = {});
+
+  /// Makes fit() validate on `dataset` (kept by value) after every options.every_epochs()-th epoch.
+  template <class Dataset>
+  void set_validation(Dataset dataset, ValidationOptions options = {});
 
   /// The outer objective L_task(T(F_theta'(meta_test))) with theta' the inner step on meta_train, as a
   /// differentiable function of G's parameters (no look-ahead, nothing updated). Used by meta_step; public
@@ -139,6 +152,8 @@ class BilevelOptimizer {
   OuterUpdatePolicy outer_update_;
   torch::optim::Adam fusion_optimizer_;
   torch::optim::Adam task_optimizer_;
+  std::function<ValidationReport(BilevelOptimizer&)> validation_;
+  int64_t validation_every_ = 1;
   int64_t epoch_ = 0;
   uint64_t sample_counter_ = 0;
 };

@@ -210,19 +210,60 @@ void BilevelOptimizer<F, G, T, I, O>::fit(const Dataset& dataset, Callbacks&&...
     ++epoch_;
     if (!options_.checkpoint_path().empty()) save(options_.checkpoint_path());
     if (notify(epoch_report, callbacks...)) return;
+    if (validation_ && epoch_ % validation_every_ == 0 && notify(validation_(*this), callbacks...)) return;
   }
+}
+
+template <class F, class G, class T, class I, class O>
+template <class Dataset>
+ValidationReport BilevelOptimizer<F, G, T, I, O>::validate(const Dataset& dataset, const ValidationOptions& options) {
+  static_assert(std::is_same_v<decltype(dataset.get(uint64_t{0})), Batch>,
+                "tdfusion: the validation dataset lacks `PairBatch<Target> get(uint64_t counter) const` for this "
+                "task's Target");
+  const auto size = static_cast<uint64_t>(dataset.size());
+  TORCH_CHECK(size > 0, "tdfusion: the validation dataset is empty");
+  torch::NoGradGuard no_grad;
+  const EvalMode fusion_eval(*fusion_), task_eval(*task_);
+  ValidationReport report;
+  report.epoch = epoch_ - 1;
+  report.protocol = options.protocol();
+  metrics::TaskEvaluation<traits::impl_t<T>> task_metrics(options.task());
+  detail::FusionMetricMeans fusion_metrics(options.protocol(), options.threads());
+  double loss_sum = 0.0;
+  for (uint64_t i = 0; i < size; ++i) {
+    Batch batch = dataset.get(i).to(options_.device(), options_.dtype());
+    batch.check();
+    const torch::Tensor fused = fusion_->forward(batch.ir, batch.vi);
+    const int64_t n = fused.size(0);
+    loss_sum += detail::finite_loss(task_->loss(fused, batch.target), "validation task loss", epoch_, i) *
+                static_cast<double>(n);
+    report.samples += n;
+    task_metrics.add(*task_, fused, batch.target);
+    if (options.fusion_metrics()) fusion_metrics.add(batch.ir, batch.vi, fused);
+  }
+  report.task_loss = loss_sum / static_cast<double>(report.samples);
+  report.task = task_metrics.result();
+  if (options.fusion_metrics()) report.fusion = fusion_metrics.mean();
+  return report;
+}
+
+template <class F, class G, class T, class I, class O>
+template <class Dataset>
+void BilevelOptimizer<F, G, T, I, O>::set_validation(Dataset dataset, ValidationOptions options) {
+  TORCH_CHECK(options.every_epochs() > 0, "tdfusion: ValidationOptions every_epochs must be positive, got ",
+              options.every_epochs());
+  validation_every_ = options.every_epochs();
+  validation_ = [dataset = std::move(dataset), options](BilevelOptimizer& trainer) {
+    return trainer.validate(dataset, options);
+  };
 }
 
 template <class F, class G, class T, class I, class O>
 torch::Tensor BilevelOptimizer<F, G, T, I, O>::fuse(const torch::Tensor& ir, const torch::Tensor& vi) {
   check_pair(ir, vi);
   torch::NoGradGuard no_grad;
-  const bool was_training = fusion_->is_training();
-  fusion_->eval();
-  const torch::Tensor fused = fusion_->forward(ir.to(options_.device(), options_.dtype()),
-                                               vi.to(options_.device(), options_.dtype()));
-  fusion_->train(was_training);
-  return fused;
+  const EvalMode eval(*fusion_);
+  return fusion_->forward(ir.to(options_.device(), options_.dtype()), vi.to(options_.device(), options_.dtype()));
 }
 
 template <class F, class G, class T, class I, class O>

@@ -4,6 +4,7 @@
 // takes one kind, a struct with several operator() overloads several). Returning true stops training.
 
 #include "tdfusion/meta/options.hpp"
+#include "tdfusion/meta/validation.hpp"
 
 #include <ostream>
 #include <type_traits>
@@ -34,7 +35,7 @@ bool notify(const Report& report, Callbacks&... callbacks) {
   return stop;
 }
 
-/// Prints one line per epoch (and per meta step when `verbose`).
+/// Prints one line per epoch and per validation (and per meta step when `verbose`).
 class PrintLosses {
  public:
   explicit PrintLosses(std::ostream& out, bool verbose = false) : out_(&out), verbose_(verbose) {}
@@ -47,6 +48,7 @@ class PrintLosses {
     *out_ << "epoch " << r.epoch << ": fusion loss " << r.fusion_loss << ", task loss " << r.task_loss << ", lr "
           << r.learning_rate << std::endl;
   }
+  void operator()(const ValidationReport& r) const { *out_ << format_validation(r) << std::endl; }
 
  private:
   std::ostream* out_;

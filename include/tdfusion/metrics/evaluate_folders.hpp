@@ -56,6 +56,10 @@ struct EvaluationTable {
   std::vector<ImageMetrics> rows;
   MetricRow mean;  ///< plain means over rows; a NaN value (e.g. SCD of a constant image) propagates
   std::vector<IncompleteImage> incomplete;
+  /// Optional downstream-task metrics of the fused images over all rows (see evaluate_task.hpp): the
+  /// headline values, the per-class ones, and which network and labels produced them.
+  MetricRow task, task_per_class;
+  std::string task_description;
 };
 
 namespace detail {

@@ -84,6 +84,13 @@ inline std::string format_table(const EvaluationTable& table, int precision = 4)
       out << (c == 0 ? text + pad : pad + text) << (c + 1 < cells[r].size() ? "  " : "\n");
     }
   }
+  if (!table.task.values.empty()) {
+    out << "task metrics over the " << table.rows.size() << " images (" << table.task_description << "):";
+    for (const MetricRow* row : {&table.task, &table.task_per_class}) {
+      for (const auto& [name, value] : row->values) out << " " << name << " " << detail::format_number(value, precision);
+    }
+    out << "\n";
+  }
   if (!table.incomplete.empty()) {
     out << "not evaluated (" << table.incomplete.size() << " images missing from a folder):\n";
     for (const IncompleteImage& entry : table.incomplete) {
@@ -112,16 +119,18 @@ inline std::string format_csv(const EvaluationTable& table, int precision = 6) {
   return out.str();
 }
 
+/// A row as a JSON object {metric: value} (NaN becomes null).
+inline nlohmann::json to_json(const MetricRow& row) {
+  nlohmann::json object = nlohmann::json::object();
+  for (const auto& [name, value] : row.values) {
+    object[name] = std::isnan(value) ? nlohmann::json(nullptr) : nlohmann::json(value);
+  }
+  return object;
+}
+
 /// The whole table as JSON (NaN becomes null): method, protocol and its description, folders, metric names,
 /// per-image values with their files, the mean, and the images that were not evaluated.
 inline nlohmann::json to_json(const EvaluationTable& table) {
-  auto values = [](const MetricRow& row) {
-    nlohmann::json object = nlohmann::json::object();
-    for (const auto& [name, value] : row.values) {
-      object[name] = std::isnan(value) ? nlohmann::json(nullptr) : nlohmann::json(value);
-    }
-    return object;
-  };
   nlohmann::json json;
   json["method"] = table.method;
   json["protocol"] = protocol_name(table.protocol);
@@ -132,9 +141,13 @@ inline nlohmann::json to_json(const EvaluationTable& table) {
   for (const ImageMetrics& row : table.rows) {
     json["images"].push_back({{"image", row.image},
                               {"files", {{"ir", row.ir_path}, {"vi", row.vi_path}, {"fused", row.fused_path}}},
-                              {"values", values(row.metrics)}});
+                              {"values", to_json(row.metrics)}});
   }
-  json["mean"] = values(table.mean);
+  json["mean"] = to_json(table.mean);
+  if (!table.task.values.empty()) {
+    json["task"] = {{"description", table.task_description}, {"metrics", to_json(table.task)},
+                    {"per_class", to_json(table.task_per_class)}};
+  }
   json["incomplete"] = nlohmann::json::array();
   for (const IncompleteImage& entry : table.incomplete) {
     json["incomplete"].push_back(
@@ -147,16 +160,27 @@ inline std::string format_json(const EvaluationTable& table, int indent = 2) { r
 
 /// A Markdown table comparing the mean metrics of several methods (one row per method, the best value of each
 /// column in bold; every metric here is better when larger), with a caption that states the protocol and the
-/// number of image pairs. All tables must use the same protocol.
+/// number of image pairs. All tables must use the same protocol. When every table carries the same task
+/// metrics (evaluate_task), their columns follow the fusion metrics and the caption names the task network.
 inline std::string format_markdown_comparison(const std::vector<EvaluationTable>& tables, int precision = 4,
                                               const std::string& dataset = "") {
   detail::check_comparable(tables, "format_markdown_comparison");
-  const std::vector<std::string>& metrics = tables.front().metrics;
-  std::vector<double> best(metrics.size(), -HUGE_VAL);
+  bool with_task = !tables.front().task.values.empty();
   for (const EvaluationTable& table : tables) {
-    for (std::size_t m = 0; m < metrics.size(); ++m) {
-      const double value = table.mean.values[m].second;
-      if (!std::isnan(value)) best[m] = std::max(best[m], value);
+    with_task = with_task && table.task.values.size() == tables.front().task.values.size() &&
+                table.task_description == tables.front().task_description;
+  }
+  auto row_of = [with_task](const EvaluationTable& table) {
+    std::vector<std::pair<std::string, double>> values = table.mean.values;
+    if (with_task) values.insert(values.end(), table.task.values.begin(), table.task.values.end());
+    return values;
+  };
+  const std::vector<std::pair<std::string, double>> header = row_of(tables.front());
+  std::vector<double> best(header.size(), -HUGE_VAL);
+  for (const EvaluationTable& table : tables) {
+    const auto values = row_of(table);
+    for (std::size_t m = 0; m < values.size(); ++m) {
+      if (!std::isnan(values[m].second)) best[m] = std::max(best[m], values[m].second);
     }
   }
   std::size_t min_pairs = tables.front().rows.size(), max_pairs = min_pairs;
@@ -165,21 +189,24 @@ inline std::string format_markdown_comparison(const std::vector<EvaluationTable>
     max_pairs = std::max(max_pairs, table.rows.size());
   }
   std::ostringstream out;
-  out << "**Table.** Mean fusion metrics" << (dataset.empty() ? "" : " on " + dataset) << " over "
+  out << "**Table.** Mean fusion metrics" << (with_task ? " and task metrics" : "")
+      << (dataset.empty() ? "" : " on " + dataset) << " over "
       << (min_pairs == max_pairs ? std::to_string(min_pairs)
                                  : std::to_string(min_pairs) + "-" + std::to_string(max_pairs))
-      << " image pairs; " << protocol_description(tables.front().protocol)
-      << ". Larger is better; the best value of each column is in bold.";
+      << " image pairs; " << protocol_description(tables.front().protocol);
+  if (with_task) out << "; task metrics: " << tables.front().task_description;
+  out << ". Larger is better; the best value of each column is in bold.";
   if (min_pairs != max_pairs) out << " The methods were evaluated on different numbers of pairs (column n).";
   out << "\n\n| Method |";
-  for (const std::string& name : metrics) out << " " << name << " |";
+  for (const auto& column : header) out << " " << detail::markdown_cell(column.first) << " |";
   out << " n |\n|:--|";
-  for (std::size_t m = 0; m < metrics.size(); ++m) out << "--:|";
+  for (std::size_t m = 0; m < header.size(); ++m) out << "--:|";
   out << "--:|\n";
   for (const EvaluationTable& table : tables) {
     out << "| " << detail::markdown_cell(table.method) << " |";
-    for (std::size_t m = 0; m < metrics.size(); ++m) {
-      const double value = table.mean.values[m].second;
+    const auto values = row_of(table);
+    for (std::size_t m = 0; m < values.size(); ++m) {
+      const double value = values[m].second;
       const std::string text = detail::format_number(value, precision);
       // Bold what prints the same as the best, so that ties at the shown precision are all marked.
       const bool is_best = !std::isnan(value) && text == detail::format_number(best[m], precision);

@@ -7,6 +7,7 @@
 // state_dict of the same scale, input channels and classes key for key (the DFL projection is not a
 // parameter here: ultralytics counts its 16 fixed weights, hence 3,157,184 = 3,157,200 - 16 at 80 classes).
 
+#include "tdfusion/core/eval_mode.hpp"
 #include "tdfusion/task/detection/common.hpp"
 #include "tdfusion/task/detection/head.hpp"
 #include "tdfusion/task/detection/target.hpp"
@@ -207,11 +208,8 @@ class Yolov8DetectorImpl : public torch::nn::Cloneable<Yolov8DetectorImpl> {
   std::vector<torch::Tensor> detect(const torch::Tensor& image, double conf = 0.25, double iou = 0.7,
                                     int64_t max_det = 300) {
     torch::NoGradGuard no_grad;
-    const bool was_training = is_training();
-    eval();
-    const torch::Tensor head = forward(image);
-    train(was_training);
-    return decode_detections(head, layout(image.size(2), image.size(3)), conf, iou, max_det);
+    const EvalMode eval(*this);
+    return decode_detections(forward(image), layout(image.size(2), image.size(3)), conf, iou, max_det);
   }
 
   /// Where the head's cells lie for an H x W input.
