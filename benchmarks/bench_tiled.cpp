@@ -7,6 +7,7 @@
 // the tiles' 16-pixel halos too; its memory is that of one tile. Counter: megapixels per second.
 #include <benchmark/benchmark.h>
 
+#include <tdfusion/core/runtime.hpp>
 #include <tdfusion/fusion/refusion.hpp>
 #include <tdfusion/fusion/tiled_fusion.hpp>
 
@@ -50,7 +51,8 @@ BENCHMARK(BM_ReFusion)
 
 int main(int argc, char** argv) {
   // Debian's LibTorch may start with a single intra-op thread; use every core.
-  torch::set_num_threads(static_cast<int>(std::thread::hardware_concurrency()));
+  tdfusion::use_cpu_threads();
+  tdfusion::reuse_freed_memory();
   benchmark::AddCustomContext("torch_threads", std::to_string(torch::get_num_threads()));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -103,7 +103,8 @@ BENCHMARK(BM_Fuse_LightFusion)->Apply(sizes);
 
 int main(int argc, char** argv) {
   // Debian's LibTorch may start with a single intra-op thread; use every core.
-  torch::set_num_threads(static_cast<int>(std::thread::hardware_concurrency()));
+  tdfusion::use_cpu_threads();
+  tdfusion::reuse_freed_memory();
   benchmark::AddCustomContext("torch_threads", std::to_string(torch::get_num_threads()));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -490,7 +490,8 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
-  torch::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  use_cpu_threads(threads);
+  reuse_freed_memory();
   try {
     if (*fuse_cmd) return run_fuse(fuse);
     if (*train_cmd) return run_train(train);

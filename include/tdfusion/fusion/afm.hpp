@@ -42,8 +42,10 @@ class AfmImpl : public torch::nn::Module {
     const torch::Tensor out = torch::cat({x1, x2}, 1);
 
     const auto gates = conv(project_E_d_, "project_E_d", conv(project_E_, "project_E", out)).chunk(2, 1);
-    const torch::Tensor y1 = torch::gelu(gates[0]) * conv(project_E1_d_, "project_E1_d", conv(project_E1_, "project_E1", x1));
-    const torch::Tensor y2 = torch::gelu(gates[1]) * conv(project_E2_d_, "project_E2_d", conv(project_E2_, "project_E2", x2));
+    const torch::Tensor y1 =
+        nn::ops::gelu_gate(gates[0], conv(project_E1_d_, "project_E1_d", conv(project_E1_, "project_E1", x1)));
+    const torch::Tensor y2 =
+        nn::ops::gelu_gate(gates[1], conv(project_E2_d_, "project_E2_d", conv(project_E2_, "project_E2", x2)));
     return out + conv(project_out1_, "project_out1", y1) + conv(project_out2_, "project_out2", y2);
   }
 

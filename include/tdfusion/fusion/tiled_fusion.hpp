@@ -74,7 +74,7 @@ class TiledAttention : public nn::AttentionTiling {
       const torch::Tensor& attn = matrices_[index];
       TORCH_CHECK(attn.size(0) == n && attn.size(1) == heads && attn.size(2) == c / heads,
                   "tdfusion: fuse_tiled: attention call ", index, " changed shape between tiles");
-      return torch::matmul(attn, v.reshape({n, heads, c / heads, height_ * width_})).reshape(v.sizes());
+      return nn::ops::bmm(attn, v.reshape({n, heads, c / heads, height_ * width_})).reshape(v.sizes());
     }
     accumulate(q, k, temperature, heads);
     throw AttentionPassDone{};
@@ -82,9 +82,7 @@ class TiledAttention : public nn::AttentionTiling {
 
   /// Turns the statistics of the pass that just ended into the next final attention matrix.
   void finish_pass() {
-    const torch::Tensor q_norm = q_squares_.sqrt().clamp_min(1e-12), k_norm = k_squares_.sqrt().clamp_min(1e-12);
-    const torch::Tensor logits = qk_ / (q_norm.unsqueeze(-1) * k_norm.unsqueeze(-2)) * temperature_;
-    matrices_.push_back(torch::softmax(logits, -1).to(dtype_));
+    matrices_.push_back(nn::attention_matrix(qk_, q_squares_.sqrt(), k_squares_.sqrt(), temperature_).to(dtype_));
     qk_ = q_squares_ = k_squares_ = temperature_ = torch::Tensor();
   }
 
@@ -100,7 +98,7 @@ class TiledAttention : public nn::AttentionTiling {
       return x.slice(2, y0_, y1_).slice(3, x0_, x1_).to(acc).reshape({n, heads, c / heads, pixels});
     };
     const torch::Tensor qi = interior(q), ki = interior(k);
-    const torch::Tensor qk = torch::matmul(qi, ki.transpose(-2, -1));
+    const torch::Tensor qk = nn::ops::bmm(qi, ki.transpose(-2, -1));
     const torch::Tensor qq = qi.square().sum(-1), kk = ki.square().sum(-1);
     if (!qk_.defined()) {
       qk_ = qk, q_squares_ = qq, k_squares_ = kk;

@@ -4,6 +4,7 @@
 // stateful and the fast-weight forward passes share one implementation.
 
 #include "tdfusion/core/param_view.hpp"
+#include "tdfusion/nn/kernels/ops.hpp"
 
 #include <torch/torch.h>
 
@@ -26,8 +27,19 @@ class ConvImpl : public torch::nn::Module {
   }
 
   torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
-    return torch::conv2d(x, p["weight"], bias_ ? p["bias"] : torch::Tensor(), /*stride=*/1,
-                         /*padding=*/kernel_ / 2, /*dilation=*/1, groups_);
+    const torch::Tensor& w = p["weight"];
+    torch::Tensor y;
+    if (kernel_ == 1 && groups_ == 1) {
+      y = ops::conv1x1(x, w);
+    } else if (kernel_ == 3 && groups_ == 1) {
+      y = ops::conv3x3(x, w);
+    } else if (kernel_ == 3 && groups_ == x.size(1) && w.size(0) == groups_) {
+      y = ops::depthwise3x3(x, w);
+    } else {
+      return torch::conv2d(x, w, bias_ ? p["bias"] : torch::Tensor(), /*stride=*/1, /*padding=*/kernel_ / 2,
+                           /*dilation=*/1, groups_);
+    }
+    return bias_ ? y + p["bias"].view({1, -1, 1, 1}) : y;
   }
 
  private:
@@ -57,12 +69,7 @@ class LayerNormImpl : public torch::nn::Module {
   explicit LayerNormImpl(int64_t channels) { register_module("body", Affine(channels)); }
 
   torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
-    const torch::Tensor mean = x.mean(1, /*keepdim=*/true);
-    const torch::Tensor centred = x - mean;
-    const torch::Tensor var = centred.pow(2).mean(1, /*keepdim=*/true);
-    const torch::Tensor w = p["body.weight"].view({1, -1, 1, 1});
-    const torch::Tensor b = p["body.bias"].view({1, -1, 1, 1});
-    return centred * torch::rsqrt(var + 1e-5) * w + b;
+    return ops::channel_layer_norm(x, p["body.weight"], p["body.bias"], 1e-5);
   }
 };
 TORCH_MODULE(LayerNorm);
@@ -102,21 +109,30 @@ class AttentionTiling {
   }
 };
 
+/// The attention matrix softmax(normalise(q) normalise(k)^T * t) of Restormer's channel attention, from the
+/// Gram matrix S = q k^T of the raw rows and their L2 norms: softmax(S / (max(|q|, eps) max(|k|, eps)^T) * t),
+/// eps = 1e-12 as in F.normalize. gram: ... x d x d; norms: ... x d; temperature broadcasts against gram.
+inline torch::Tensor attention_matrix(const torch::Tensor& gram, const torch::Tensor& q_norm, const torch::Tensor& k_norm,
+                                      const torch::Tensor& temperature) {
+  const torch::Tensor scale = q_norm.clamp_min(1e-12).unsqueeze(-1) * k_norm.clamp_min(1e-12).unsqueeze(-2);
+  return torch::softmax(gram / scale * temperature, -1);
+}
+
 /// Transposed ("channel") attention of Restormer: q and k are L2-normalised along the pixels and the
-/// attention matrix is (C/heads) x (C/heads), so the cost grows linearly with the pixel count.
+/// attention matrix is (C/heads) x (C/heads), so the cost grows linearly with the pixel count. The long
+/// normalised q and k are never formed: the small Gram matrix is normalised instead (attention_matrix).
 /// q, k, v: N x C x H x W; temperature: heads x 1 x 1. Returns N x C x H x W.
 inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                        const torch::Tensor& temperature, int64_t heads) {
   const int64_t n = q.size(0), c = q.size(1), h = q.size(2), w = q.size(3);
   TORCH_CHECK(c % heads == 0, "tdfusion: ", c, " channels cannot be split into ", heads, " heads");
   if (AttentionTiling* hook = AttentionTiling::active()) return hook->attend(q, k, v, temperature, heads);
-  namespace F = torch::nn::functional;
-  const auto normalise = F::NormalizeFuncOptions().p(2.0).dim(-1).eps(1e-12);
-  const torch::Tensor qh = F::normalize(q.reshape({n, heads, c / heads, h * w}), normalise);
-  const torch::Tensor kh = F::normalize(k.reshape({n, heads, c / heads, h * w}), normalise);
+  const torch::Tensor qh = q.reshape({n, heads, c / heads, h * w});
+  const torch::Tensor kh = k.reshape({n, heads, c / heads, h * w});
   const torch::Tensor vh = v.reshape({n, heads, c / heads, h * w});
-  const torch::Tensor attn = torch::softmax(torch::matmul(qh, kh.transpose(-2, -1)) * temperature, -1);
-  return torch::matmul(attn, vh).reshape({n, c, h, w});
+  const torch::Tensor attn =
+      attention_matrix(ops::bmm(qh, kh.transpose(-2, -1)), qh.norm(2, {-1}), kh.norm(2, {-1}), temperature);
+  return ops::bmm(attn, vh).reshape({n, c, h, w});
 }
 
 /// Multi-Dconv head transposed attention (MDTA).
@@ -153,7 +169,7 @@ class FeedForwardImpl : public torch::nn::Module {
 
   torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
     const auto halves = dwconv_->forward_with(p.sub("dwconv"), project_in_->forward_with(p.sub("project_in"), x)).chunk(2, 1);
-    return project_out_->forward_with(p.sub("project_out"), torch::gelu(halves[0]) * halves[1]);
+    return project_out_->forward_with(p.sub("project_out"), ops::gelu_gate(halves[0], halves[1]));
   }
 
  private:

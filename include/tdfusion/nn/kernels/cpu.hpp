@@ -1,0 +1,518 @@
+#pragma once
+// CPU kernels of the building blocks that dominate the fusion, loss-generation and task networks, written with
+// Eigen (its GEMM and vectorised array expressions) and run on LibTorch's intra-op thread pool (at::parallel_for,
+// so torch::set_num_threads governs them and nested calls run serially). They compute values only; ops.hpp wraps
+// them in autograd functions. Every kernel takes and returns plain NCHW tensors of float or double.
+//
+//   bmm                  C[i, j] = A[i, j] B[i, j] over two batch dimensions; operands row- or column-major
+//   conv3x3              dense 3x3 convolution, stride 1, zero padding 1 (chunked im2col + GEMM)
+//   conv3x3_weight_grad  its weight gradient sum_n,p dy[o, p] x[i, p + k]
+//   depthwise3x3         depthwise 3x3 convolution, stride 1, zero padding 1 (vectorised rows)
+//   depthwise3x3_weight_grad
+//   channel_layer_norm   per-pixel LayerNorm over channels (biased variance), and its first-order backward
+//   gelu_gate            gelu(a) * b with the exact (erf) GELU, and its first-order backward
+//
+// Reductions over pixels accumulate per row in the tensor's type and across rows in double.
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/torch.h>
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/SpecialFunctions>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace tdfusion::nn::kernels {
+
+namespace detail {
+
+template <class T>
+using ColMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
+
+/// Pixels (or output columns) per work item: large enough to amortise scheduling and keep GEMM panels
+/// efficient, small enough to spread the work over all threads.
+inline int64_t chunk_size(int64_t total, int64_t items, int64_t minimum) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t wanted = std::max<int64_t>(1, 4 * threads / std::max<int64_t>(1, items));
+  return std::max(minimum, (total + wanted - 1) / wanted);
+}
+
+/// Whether each of the N images of an N x C x H x W tensor is one contiguous block (the batch stride may be
+/// anything, as for the halves of a channel split).
+inline bool block_contiguous(const torch::Tensor& t) {
+  if (t.dim() != 4) return false;
+  const int64_t h = t.size(2), w = t.size(3);
+  return (t.stride(3) == 1 || w == 1) && (t.stride(2) == w || h == 1) && (t.stride(1) == h * w || t.size(1) == 1);
+}
+
+/// Calls fn with an Eigen map of the rows x cols matrix at `data` whose elements lie at r * row_stride +
+/// c * col_stride, one of the strides being 1 (or its dimension 1): row-major or column-major.
+template <class T, class Fn>
+void with_matrix(const T* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, const Fn& fn) {
+  using Eigen::OuterStride;
+  if (col_stride == 1 || cols == 1) {
+    const int64_t outer = rows == 1 ? cols : row_stride;
+    fn(Eigen::Map<const RowMatrix<T>, 0, OuterStride<>>(data, rows, cols, OuterStride<>(outer)));
+  } else {
+    const int64_t outer = cols == 1 ? rows : col_stride;
+    fn(Eigen::Map<const ColMatrix<T>, 0, OuterStride<>>(data, rows, cols, OuterStride<>(outer)));
+  }
+}
+
+inline bool matrix_layout_ok(const torch::Tensor& t) {
+  return t.dim() == 4 && (t.stride(3) == 1 || t.stride(2) == 1 || t.size(3) == 1 || t.size(2) == 1);
+}
+
+}  // namespace detail
+
+/// Whether bmm can read `t` (4-D, each matrix row- or column-major; other tensors need .contiguous()).
+inline bool bmm_readable(const torch::Tensor& t) { return detail::matrix_layout_ok(t); }
+
+/// a: B1 x B2 x M x K, b: B1 x B2 x K x N (batch strides may be 0, as after expand) -> contiguous B1 x B2 x M x N.
+/// Work is split over batch entries and output columns, or, for small outputs of long products (Gram
+/// matrices, weight gradients), over the summed dimension with per-chunk partial products.
+inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
+  RECORD_FUNCTION("tdfusion::bmm", std::vector<c10::IValue>());
+  TORCH_CHECK(a.dim() == 4 && b.dim() == 4 && a.size(0) == b.size(0) && a.size(1) == b.size(1) && a.size(3) == b.size(2),
+              "tdfusion: bmm kernel got shapes ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(bmm_readable(a) && bmm_readable(b), "tdfusion: bmm kernel needs row- or column-major matrices");
+  const int64_t b1 = a.size(0), b2 = a.size(1), m = a.size(2), k = a.size(3), n = b.size(3);
+  torch::Tensor c = torch::empty({b1, b2, m, n}, a.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (c.numel() == 0) return c;
+  if (k == 0) return c.zero_();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_bmm", [&] {
+    using T = scalar_t;
+    const T* pa = a.data_ptr<T>();
+    const T* pb = b.data_ptr<T>();
+    T* pc = c.data_ptr<T>();
+    const int64_t batches = b1 * b2;
+    auto a_at = [&](int64_t i) { return pa + (i / b2) * a.stride(0) + (i % b2) * a.stride(1); };
+    auto b_at = [&](int64_t i) { return pb + (i / b2) * b.stride(0) + (i % b2) * b.stride(1); };
+    // c[i][:, j0:j1] (+)= a[i][:, k0:k1] b[i][k0:k1, j0:j1]
+    auto product = [&](int64_t i, int64_t j0, int64_t j1, int64_t k0, int64_t k1, T* out, int64_t out_stride) {
+      Eigen::Map<detail::RowMatrix<T>, 0, Eigen::OuterStride<>> dst(out, m, j1 - j0, Eigen::OuterStride<>(out_stride));
+      detail::with_matrix(a_at(i) + k0 * a.stride(3), m, k1 - k0, a.stride(2), a.stride(3), [&](const auto& lhs) {
+        detail::with_matrix(b_at(i) + k0 * b.stride(2) + j0 * b.stride(3), k1 - k0, j1 - j0, b.stride(2), b.stride(3),
+                            [&](const auto& rhs) { dst.noalias() = lhs * rhs; });
+      });
+    };
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const bool split_k = batches * ((n + 255) / 256) < 2 * threads && k >= 4096 && m * n <= 256 * 256;
+    if (!split_k) {
+      const int64_t cols = detail::chunk_size(n, batches, 256);
+      const int64_t col_chunks = (n + cols - 1) / cols;
+      at::parallel_for(0, batches * col_chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t i = item / col_chunks, j0 = (item % col_chunks) * cols, j1 = std::min(n, j0 + cols);
+          product(i, j0, j1, 0, k, pc + i * m * n + j0, n);
+        }
+      });
+      return;
+    }
+    const int64_t depth = detail::chunk_size(k, batches, 2048);
+    const int64_t parts = (k + depth - 1) / depth;
+    std::vector<T> partial(static_cast<size_t>(batches * parts * m * n));
+    at::parallel_for(0, batches * parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t i = item / parts, k0 = (item % parts) * depth;
+        product(i, 0, n, k0, std::min(k, k0 + depth), partial.data() + item * m * n, n);
+      }
+    });
+    for (int64_t i = 0; i < batches; ++i) {
+      for (int64_t e = 0; e < m * n; ++e) {
+        double sum = 0;
+        for (int64_t p = 0; p < parts; ++p) sum += partial[static_cast<size_t>((i * parts + p) * m * n + e)];
+        pc[i * m * n + e] = static_cast<T>(sum);
+      }
+    }
+  });
+  return c;
+}
+
+namespace detail {
+
+/// Rows of output per im2col chunk: about 64k column-buffer entries per chunk, at least one row.
+inline int64_t im2col_rows(int64_t width, int64_t in_channels) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width * 9 * in_channels));
+}
+
+/// Fills col ((r1 - r0) * W x 9 I, column-major) with the 3x3 neighbourhoods of rows r0 .. r1 of image x (I x H x W),
+/// zero outside the image. Column index (i, ky, kx) = i * 9 + ky * 3 + kx, the layout of a conv weight's last dims.
+template <class T>
+void im2col3x3(const T* x, int64_t channels, int64_t height, int64_t width, int64_t r0, int64_t r1, T* col) {
+  const int64_t pixels = (r1 - r0) * width;
+  for (int64_t i = 0; i < channels; ++i) {
+    for (int64_t ky = 0; ky < 3; ++ky) {
+      for (int64_t kx = 0; kx < 3; ++kx) {
+        T* dst = col + (i * 9 + ky * 3 + kx) * pixels;
+        for (int64_t r = r0; r < r1; ++r) {
+          T* row = dst + (r - r0) * width;
+          const int64_t src_row = r + ky - 1;
+          if (src_row < 0 || src_row >= height) {
+            std::fill(row, row + width, T(0));
+            continue;
+          }
+          const T* src = x + (i * height + src_row) * width;
+          const int64_t shift = kx - 1;  // row[c] = src[c + shift]
+          const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(width, width - shift);
+          std::fill(row, row + lo, T(0));
+          std::copy(src + lo + shift, src + hi + shift, row + lo);
+          std::fill(row + hi, row + width, T(0));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Dense 3x3 convolution, stride 1, zero padding 1: x N x I x H x W (block-contiguous), w O x I x 3 x 3.
+inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
+  RECORD_FUNCTION("tdfusion::conv3x3", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == 3 && w.size(3) == 3,
+              "tdfusion: conv3x3 kernel got input ", x.sizes(), " and weight ", w.sizes());
+  const int64_t batch = x.size(0), in = x.size(1), h = x.size(2), width = x.size(3), out = w.size(0);
+  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
+  const torch::Tensor wc = w.contiguous();
+  torch::Tensor y = torch::empty({batch, out, h, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_conv3x3", [&] {
+    using T = scalar_t;
+    const int64_t rows = std::min(h, detail::im2col_rows(width, in));
+    const int64_t row_chunks = (h + rows - 1) / rows;
+    const Eigen::Map<const detail::ColMatrix<T>> weight(wc.data_ptr<T>(), 9 * in, out);
+    at::parallel_for(0, batch * row_chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> col(static_cast<size_t>(rows * width * 9 * in));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / row_chunks, r0 = (item % row_chunks) * rows, r1 = std::min(h, r0 + rows);
+        const int64_t pixels = (r1 - r0) * width;
+        detail::im2col3x3(xc.data_ptr<T>() + n * xc.stride(0), in, h, width, r0, r1, col.data());
+        const Eigen::Map<const detail::ColMatrix<T>> patches(col.data(), pixels, 9 * in);
+        Eigen::Map<detail::ColMatrix<T>, 0, Eigen::OuterStride<>> dst(
+            y.data_ptr<T>() + n * out * h * width + r0 * width, pixels, out, Eigen::OuterStride<>(h * width));
+        dst.noalias() = patches * weight;
+      }
+    });
+  });
+  return y;
+}
+
+/// The weight gradient of conv3x3: dw[o, i, ky, kx] = sum_n,p dy[n, o, p] x[n, i, p + (ky - 1, kx - 1)].
+inline torch::Tensor conv3x3_weight_grad(const torch::Tensor& dy, const torch::Tensor& x) {
+  RECORD_FUNCTION("tdfusion::conv3x3_weight_grad", std::vector<c10::IValue>());
+  TORCH_CHECK(dy.dim() == 4 && x.dim() == 4 && dy.size(0) == x.size(0) && dy.size(2) == x.size(2) &&
+                  dy.size(3) == x.size(3),
+              "tdfusion: conv3x3 weight-gradient kernel got ", dy.sizes(), " and ", x.sizes());
+  const int64_t batch = x.size(0), in = x.size(1), h = x.size(2), width = x.size(3), out = dy.size(1);
+  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
+  const torch::Tensor gc = detail::block_contiguous(dy) ? dy : dy.contiguous();
+  torch::Tensor dw = torch::zeros({out, in, 3, 3}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_conv3x3_weight_grad", [&] {
+    using T = scalar_t;
+    const int64_t rows = std::min(h, detail::im2col_rows(width, in));
+    const int64_t row_chunks = (h + rows - 1) / rows;
+    const int64_t items = batch * row_chunks, per_part = 9 * in * out;
+    // Each part sums a fixed range of items in double; parts are added in order (deterministic for a thread count).
+    const int64_t parts = std::min<int64_t>(items, std::max<int64_t>(1, at::get_num_threads()));
+    std::vector<double> partial(static_cast<size_t>(parts * per_part), 0.0);
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> col(static_cast<size_t>(rows * width * 9 * in));
+      detail::ColMatrix<T> sum(9 * in, out);
+      for (int64_t part = begin; part < end; ++part) {
+        Eigen::Map<detail::ColMatrix<double>> acc(partial.data() + part * per_part, 9 * in, out);
+        for (int64_t item = part * items / parts; item < (part + 1) * items / parts; ++item) {
+          const int64_t n = item / row_chunks, r0 = (item % row_chunks) * rows, r1 = std::min(h, r0 + rows);
+          const int64_t pixels = (r1 - r0) * width;
+          detail::im2col3x3(xc.data_ptr<T>() + n * xc.stride(0), in, h, width, r0, r1, col.data());
+          const Eigen::Map<const detail::ColMatrix<T>> patches(col.data(), pixels, 9 * in);
+          const Eigen::Map<const detail::ColMatrix<T>, 0, Eigen::OuterStride<>> grad(
+              gc.data_ptr<T>() + n * gc.stride(0) + r0 * width, pixels, out, Eigen::OuterStride<>(h * width));
+          sum.noalias() = patches.transpose() * grad;
+          acc += sum.template cast<double>();
+        }
+      }
+    });
+    T* pw = dw.data_ptr<T>();  // O x (9 I) row-major = the (9 I) x O column-major sums
+    for (int64_t e = 0; e < per_part; ++e) {
+      double total = 0;
+      for (int64_t part = 0; part < parts; ++part) total += partial[static_cast<size_t>(part * per_part + e)];
+      pw[e] = static_cast<T>(total);
+    }
+  });
+  return dw;
+}
+
+/// Depthwise 3x3 convolution, stride 1, zero padding 1: x N x C x H x W (block-contiguous), w C x 1 x 3 x 3.
+inline torch::Tensor depthwise3x3(const torch::Tensor& x, const torch::Tensor& w) {
+  RECORD_FUNCTION("tdfusion::depthwise3x3", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(0) == x.size(1) && w.size(1) == 1 && w.size(2) == 3 &&
+                  w.size(3) == 3,
+              "tdfusion: depthwise3x3 kernel got input ", x.sizes(), " and weight ", w.sizes());
+  const int64_t batch = x.size(0), channels = x.size(1), h = x.size(2), width = x.size(3);
+  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
+  const torch::Tensor wc = w.contiguous();
+  torch::Tensor y = torch::empty({batch, channels, h, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_depthwise3x3", [&] {
+    using T = scalar_t;
+    using Row = Eigen::Map<detail::Array<T>>;
+    using ConstRow = Eigen::Map<const detail::Array<T>>;
+    at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / channels, c = plane % channels;
+        const T* src = xc.data_ptr<T>() + n * xc.stride(0) + c * h * width;
+        T* dst = y.data_ptr<T>() + plane * h * width;
+        const T* k = wc.data_ptr<T>() + c * 9;
+        for (int64_t r = 0; r < h; ++r) {
+          Row out(dst + r * width, width);
+          out.setZero();
+          for (int64_t ky = 0; ky < 3; ++ky) {
+            const int64_t sr = r + ky - 1;
+            if (sr < 0 || sr >= h) continue;
+            const T* in = src + sr * width;
+            const T w0 = k[ky * 3], w1 = k[ky * 3 + 1], w2 = k[ky * 3 + 2];
+            out += w1 * ConstRow(in, width);
+            if (width > 1) {
+              out.tail(width - 1) += w0 * ConstRow(in, width - 1);
+              out.head(width - 1) += w2 * ConstRow(in + 1, width - 1);
+            }
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+/// The weight gradient of depthwise3x3: dw[c, 0, ky, kx] = sum_n,p dy[n, c, p] x[n, c, p + (ky - 1, kx - 1)].
+inline torch::Tensor depthwise3x3_weight_grad(const torch::Tensor& dy, const torch::Tensor& x) {
+  RECORD_FUNCTION("tdfusion::depthwise3x3_weight_grad", std::vector<c10::IValue>());
+  TORCH_CHECK(dy.sizes() == x.sizes() && x.dim() == 4, "tdfusion: depthwise3x3 weight-gradient kernel got ",
+              dy.sizes(), " and ", x.sizes());
+  const int64_t batch = x.size(0), channels = x.size(1), h = x.size(2), width = x.size(3);
+  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
+  const torch::Tensor gc = detail::block_contiguous(dy) ? dy : dy.contiguous();
+  torch::Tensor dw = torch::empty({channels, 1, 3, 3}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_depthwise3x3_weight_grad", [&] {
+    using T = scalar_t;
+    using ConstRow = Eigen::Map<const detail::Array<T>>;
+    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double sums[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t n = 0; n < batch; ++n) {
+          const T* src = xc.data_ptr<T>() + n * xc.stride(0) + c * h * width;
+          const T* grad = gc.data_ptr<T>() + n * gc.stride(0) + c * h * width;
+          for (int64_t r = 0; r < h; ++r) {
+            const ConstRow g(grad + r * width, width);
+            for (int64_t ky = 0; ky < 3; ++ky) {
+              const int64_t sr = r + ky - 1;
+              if (sr < 0 || sr >= h) continue;
+              const T* in = src + sr * width;
+              sums[ky * 3 + 1] += static_cast<double>((g * ConstRow(in, width)).sum());
+              if (width > 1) {
+                sums[ky * 3] += static_cast<double>((g.tail(width - 1) * ConstRow(in, width - 1)).sum());
+                sums[ky * 3 + 2] += static_cast<double>((g.head(width - 1) * ConstRow(in + 1, width - 1)).sum());
+              }
+            }
+          }
+        }
+        T* out = dw.data_ptr<T>() + c * 9;
+        for (int e = 0; e < 9; ++e) out[e] = static_cast<T>(sums[e]);
+      }
+    });
+  });
+  return dw;
+}
+
+namespace detail {
+
+/// Calls fn(n, p0, p1) for blocks of `block` pixels (elements) of every image: the unit of the per-pixel kernels.
+template <class Fn>
+void pixel_blocks(int64_t batch, int64_t pixels, int64_t block, const Fn& fn) {
+  block = std::max<int64_t>(1, std::min(pixels, block));
+  const int64_t blocks = (pixels + block - 1) / block;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, p0 = (item % blocks) * block;
+      fn(n, p0, std::min(pixels, p0 + block));
+    }
+  });
+}
+
+/// Pixels per LayerNorm block: the block's C channels (about 256 KB of floats) stay in cache between its passes.
+inline int64_t layer_norm_block(int64_t channels) { return std::max<int64_t>(256, 65536 / std::max<int64_t>(1, channels)); }
+
+/// Per-pixel mean and reciprocal standard deviation over the C channels of one image block (two passes).
+template <class T>
+void channel_moments(const T* x, int64_t channels, int64_t pixels, int64_t p0, int64_t len, Array<T>& mean,
+                     Array<T>& rstd, double eps) {
+  using ConstRow = Eigen::Map<const Array<T>>;
+  mean.setZero(len);
+  for (int64_t c = 0; c < channels; ++c) mean += ConstRow(x + c * pixels + p0, len);
+  mean /= static_cast<T>(channels);
+  rstd.setZero(len);
+  for (int64_t c = 0; c < channels; ++c) rstd += (ConstRow(x + c * pixels + p0, len) - mean).square();
+  rstd = (rstd / static_cast<T>(channels) + static_cast<T>(eps)).rsqrt();
+}
+
+}  // namespace detail
+
+/// Per-pixel LayerNorm over channels: y = (x - mean_c x) / sqrt(var_c x + eps) * w[c] + b[c] (biased variance).
+inline torch::Tensor channel_layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                                        double eps) {
+  RECORD_FUNCTION("tdfusion::channel_layer_norm", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 4 && w.numel() == x.size(1) && b.numel() == x.size(1),
+              "tdfusion: channel_layer_norm kernel got input ", x.sizes(), ", weight ", w.sizes(), ", bias ", b.sizes());
+  const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
+  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
+  const torch::Tensor wc = w.contiguous(), bc = b.contiguous();
+  torch::Tensor y = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_channel_layer_norm", [&] {
+    using T = scalar_t;
+    using ConstRow = Eigen::Map<const detail::Array<T>>;
+    using Row = Eigen::Map<detail::Array<T>>;
+    detail::pixel_blocks(batch, pixels, detail::layer_norm_block(channels), [&](int64_t n, int64_t p0, int64_t p1) {
+      const T* src = xc.data_ptr<T>() + n * xc.stride(0);
+      T* dst = y.data_ptr<T>() + n * channels * pixels;
+      const int64_t len = p1 - p0;
+      detail::Array<T> mean, rstd;
+      detail::channel_moments(src, channels, pixels, p0, len, mean, rstd, eps);
+      for (int64_t c = 0; c < channels; ++c) {
+        Row(dst + c * pixels + p0, len) =
+            (ConstRow(src + c * pixels + p0, len) - mean) * rstd * wc.data_ptr<T>()[c] + bc.data_ptr<T>()[c];
+      }
+    });
+  });
+  return y;
+}
+
+/// First-order backward of channel_layer_norm: (dx, dw, db) for the output gradient dy.
+inline std::vector<torch::Tensor> channel_layer_norm_backward(const torch::Tensor& dy, const torch::Tensor& x,
+                                                              const torch::Tensor& w, double eps) {
+  RECORD_FUNCTION("tdfusion::channel_layer_norm_backward", std::vector<c10::IValue>());
+  const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
+  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
+  const torch::Tensor gc = detail::block_contiguous(dy) ? dy : dy.contiguous();
+  const torch::Tensor wc = w.contiguous();
+  torch::Tensor dx = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+  torch::Tensor dw = torch::empty({channels}, x.options()), db = torch::empty({channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_channel_layer_norm_backward", [&] {
+    using T = scalar_t;
+    using ConstRow = Eigen::Map<const detail::Array<T>>;
+    using Row = Eigen::Map<detail::Array<T>>;
+    const int64_t block = std::max<int64_t>(1, std::min(pixels, detail::layer_norm_block(channels)));
+    const int64_t blocks = (pixels + block - 1) / block;
+    // Per-item partial sums of dw and db, added in item order afterwards (deterministic).
+    std::vector<double> partial(static_cast<size_t>(batch * blocks * 2 * channels), 0.0);
+    const T* pw = wc.data_ptr<T>();
+    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      detail::Array<T> mean, rstd, a, s, xhat;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / blocks, p0 = (item % blocks) * block, len = std::min(pixels, p0 + block) - p0;
+        const T* src = xc.data_ptr<T>() + n * xc.stride(0);
+        const T* grad = gc.data_ptr<T>() + n * gc.stride(0);
+        T* out = dx.data_ptr<T>() + n * channels * pixels;
+        double* sums = partial.data() + item * 2 * channels;
+        detail::channel_moments(src, channels, pixels, p0, len, mean, rstd, eps);
+        a.setZero(len);  // mean_c dy w
+        s.setZero(len);  // mean_c dy w xhat
+        for (int64_t c = 0; c < channels; ++c) {
+          const ConstRow g(grad + c * pixels + p0, len);
+          xhat = (ConstRow(src + c * pixels + p0, len) - mean) * rstd;
+          a += g * pw[c];
+          s += g * pw[c] * xhat;
+          sums[c] += static_cast<double>((g * xhat).sum());
+          sums[channels + c] += static_cast<double>(g.sum());
+        }
+        a /= static_cast<T>(channels);
+        s /= static_cast<T>(channels);
+        for (int64_t c = 0; c < channels; ++c) {
+          xhat = (ConstRow(src + c * pixels + p0, len) - mean) * rstd;
+          Row(out + c * pixels + p0, len) = rstd * (ConstRow(grad + c * pixels + p0, len) * pw[c] - a - xhat * s);
+        }
+      }
+    });
+    for (int64_t c = 0; c < channels; ++c) {
+      double sw = 0, sb = 0;
+      for (int64_t item = 0; item < batch * blocks; ++item) {
+        sw += partial[static_cast<size_t>(item * 2 * channels + c)];
+        sb += partial[static_cast<size_t>(item * 2 * channels + channels + c)];
+      }
+      dw.data_ptr<T>()[c] = static_cast<T>(sw);
+      db.data_ptr<T>()[c] = static_cast<T>(sb);
+    }
+  });
+  return {dx, dw, db};
+}
+
+namespace detail {
+inline constexpr int64_t kElementBlock = 16384;  ///< elements per work item of the elementwise kernels
+
+/// gelu(x) = x / 2 (1 + erf(x / sqrt 2)) on an array expression (Eigen's vectorised erf for float).
+template <class E>
+auto gelu(const E& x) {
+  using T = typename E::Scalar;
+  return x * T(0.5) * (T(1) + (x * T(M_SQRT1_2)).erf());
+}
+}  // namespace detail
+
+/// gelu(a) * b elementwise; a and b N x C x H x W of the same shape, each block-contiguous.
+inline torch::Tensor gelu_gate(const torch::Tensor& a, const torch::Tensor& b) {
+  RECORD_FUNCTION("tdfusion::gelu_gate", std::vector<c10::IValue>());
+  TORCH_CHECK(a.sizes() == b.sizes() && a.dim() == 4, "tdfusion: gelu_gate kernel got ", a.sizes(), " and ", b.sizes());
+  const int64_t batch = a.size(0), per_image = a.size(1) * a.size(2) * a.size(3);
+  const torch::Tensor ac = detail::block_contiguous(a) ? a : a.contiguous();
+  const torch::Tensor bc = detail::block_contiguous(b) ? b : b.contiguous();
+  torch::Tensor y = torch::empty(a.sizes(), a.options().memory_format(torch::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate", [&] {
+    using T = scalar_t;
+    using ConstRow = Eigen::Map<const detail::Array<T>>;
+    using Row = Eigen::Map<detail::Array<T>>;
+    detail::pixel_blocks(batch, per_image, detail::kElementBlock, [&](int64_t n, int64_t p0, int64_t p1) {
+      const ConstRow x(ac.data_ptr<T>() + n * ac.stride(0) + p0, p1 - p0);
+      Row(y.data_ptr<T>() + n * per_image + p0, p1 - p0) =
+          detail::gelu(x) * ConstRow(bc.data_ptr<T>() + n * bc.stride(0) + p0, p1 - p0);
+    });
+  });
+  return y;
+}
+
+/// First-order backward of gelu_gate: (da, db) = (dy b gelu'(a), dy gelu(a)), gelu'(x) = Phi(x) + x phi(x).
+inline std::vector<torch::Tensor> gelu_gate_backward(const torch::Tensor& dy, const torch::Tensor& a,
+                                                     const torch::Tensor& b) {
+  RECORD_FUNCTION("tdfusion::gelu_gate_backward", std::vector<c10::IValue>());
+  const int64_t batch = a.size(0), per_image = a.size(1) * a.size(2) * a.size(3);
+  const torch::Tensor ac = detail::block_contiguous(a) ? a : a.contiguous();
+  const torch::Tensor bc = detail::block_contiguous(b) ? b : b.contiguous();
+  const torch::Tensor gc = detail::block_contiguous(dy) ? dy : dy.contiguous();
+  const auto contiguous = a.options().memory_format(torch::MemoryFormat::Contiguous);
+  torch::Tensor da = torch::empty(a.sizes(), contiguous), db = torch::empty(a.sizes(), contiguous);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate_backward", [&] {
+    using T = scalar_t;
+    using ConstRow = Eigen::Map<const detail::Array<T>>;
+    using Row = Eigen::Map<detail::Array<T>>;
+    const T inv_sqrt_2pi = static_cast<T>(0.3989422804014327);
+    detail::pixel_blocks(batch, per_image, detail::kElementBlock, [&](int64_t n, int64_t p0, int64_t p1) {
+      const int64_t len = p1 - p0;
+      const ConstRow x(ac.data_ptr<T>() + n * ac.stride(0) + p0, len);
+      const ConstRow g(gc.data_ptr<T>() + n * gc.stride(0) + p0, len);
+      const ConstRow gate(bc.data_ptr<T>() + n * bc.stride(0) + p0, len);
+      const detail::Array<T> cdf = T(0.5) * (T(1) + (x * T(M_SQRT1_2)).erf());
+      Row(db.data_ptr<T>() + n * per_image + p0, len) = g * x * cdf;
+      Row(da.data_ptr<T>() + n * per_image + p0, len) =
+          g * gate * (cdf + x * inv_sqrt_2pi * (T(-0.5) * x.square()).exp());
+    });
+  });
+  return {da, db};
+}
+
+}  // namespace tdfusion::nn::kernels

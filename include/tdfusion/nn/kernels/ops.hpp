@@ -1,0 +1,241 @@
+#pragma once
+// The building blocks' operations with a fast CPU path: each is the plain LibTorch composition on other
+// devices (CUDA keeps LibTorch's kernels) and, on CPU float / double tensors, a custom autograd function
+// around the kernels of cpu.hpp. The meta step differentiates through a gradient, so every function here is
+// differentiable to any order:
+//   linear ops (bmm, conv3x3, depthwise3x3) write their backward with the same fast ops (the weight gradient
+//   of a convolution is itself a fast, differentiable op whose backward is again made of convolutions);
+//   channel_layer_norm and gelu_gate use a fused kernel for an ordinary backward pass and, when the backward
+//   pass itself is recorded (create_graph, as in the meta step's inner step), the differentiable LibTorch
+//   formula of the same gradient.
+// FastKernels(false) switches the fast path off (for comparisons: the tests and benchmarks measure against it).
+
+#include "tdfusion/nn/kernels/cpu.hpp"
+
+#include <torch/torch.h>
+
+#include <atomic>
+#include <initializer_list>
+
+namespace tdfusion::nn::ops {
+
+namespace detail {
+inline std::atomic<bool>& fast_kernels_flag() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+}  // namespace detail
+
+/// Whether the fast CPU kernels are in use (on by default).
+inline bool fast_kernels_enabled() { return detail::fast_kernels_flag().load(); }
+
+/// Switches the fast CPU kernels on or off for a scope (process-wide), then restores the previous setting.
+class FastKernels {
+ public:
+  explicit FastKernels(bool enabled) : previous_(detail::fast_kernels_flag().exchange(enabled)) {}
+  ~FastKernels() { detail::fast_kernels_flag() = previous_; }
+  FastKernels(const FastKernels&) = delete;
+  FastKernels& operator=(const FastKernels&) = delete;
+
+ private:
+  bool previous_;
+};
+
+namespace detail {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/// The fast path applies to defined CPU tensors of one floating type (float or double).
+inline bool fast(std::initializer_list<const torch::Tensor*> tensors) {
+  if (!fast_kernels_enabled()) return false;
+  const torch::Tensor& first = **tensors.begin();
+  const auto type = first.scalar_type();
+  if (type != torch::kFloat && type != torch::kDouble) return false;
+  for (const torch::Tensor* t : tensors) {
+    if (!t->defined() || !t->device().is_cpu() || t->scalar_type() != type || t->is_sparse()) return false;
+  }
+  return true;
+}
+
+inline torch::Tensor flipped(const torch::Tensor& w) { return w.flip({2, 3}); }
+
+}  // namespace detail
+
+inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b);
+inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w);
+inline torch::Tensor depthwise3x3(const torch::Tensor& x, const torch::Tensor& w);
+
+namespace detail {
+
+inline torch::Tensor readable(const torch::Tensor& t) { return kernels::bmm_readable(t) ? t : t.contiguous(); }
+
+struct BmmFunction : torch::autograd::Function<BmmFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return kernels::bmm(readable(a), readable(b));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor& a = saved[0];
+    const torch::Tensor& b = saved[1];
+    torch::Tensor da, db;
+    if (ctx->needs_input_grad(0)) da = ops::bmm(grads[0], b.transpose(-1, -2));
+    if (ctx->needs_input_grad(1)) db = ops::bmm(a.transpose(-1, -2), grads[0]);
+    return {da, db};
+  }
+};
+
+/// The weight gradient of a 3x3 convolution as a function of (dy, x), differentiable in both.
+struct Conv3x3WeightGradFunction : torch::autograd::Function<Conv3x3WeightGradFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& dy, const torch::Tensor& x) {
+    ctx->save_for_backward({dy, x});
+    return kernels::conv3x3_weight_grad(dy, x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor& g = grads[0];
+    torch::Tensor ddy, dx;
+    if (ctx->needs_input_grad(0)) ddy = ops::conv3x3(saved[1], g);
+    if (ctx->needs_input_grad(1)) dx = ops::conv3x3(saved[0], flipped(g).transpose(0, 1));
+    return {ddy, dx};
+  }
+};
+
+struct Conv3x3Function : torch::autograd::Function<Conv3x3Function> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
+    ctx->save_for_backward({x, w});
+    return kernels::conv3x3(x, w);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    torch::Tensor dx, dw;
+    // The transposed convolution of stride 1 and padding 1 is the convolution with the flipped, transposed kernel.
+    if (ctx->needs_input_grad(0)) dx = ops::conv3x3(grads[0], flipped(saved[1]).transpose(0, 1));
+    if (ctx->needs_input_grad(1)) dw = Conv3x3WeightGradFunction::apply(grads[0], saved[0]);
+    return {dx, dw};
+  }
+};
+
+struct DepthwiseWeightGradFunction : torch::autograd::Function<DepthwiseWeightGradFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& dy, const torch::Tensor& x) {
+    ctx->save_for_backward({dy, x});
+    return kernels::depthwise3x3_weight_grad(dy, x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor& g = grads[0];
+    torch::Tensor ddy, dx;
+    if (ctx->needs_input_grad(0)) ddy = ops::depthwise3x3(saved[1], g);
+    if (ctx->needs_input_grad(1)) dx = ops::depthwise3x3(saved[0], flipped(g));
+    return {ddy, dx};
+  }
+};
+
+struct DepthwiseFunction : torch::autograd::Function<DepthwiseFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
+    ctx->save_for_backward({x, w});
+    return kernels::depthwise3x3(x, w);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    torch::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = ops::depthwise3x3(grads[0], flipped(saved[1]));
+    if (ctx->needs_input_grad(1)) dw = DepthwiseWeightGradFunction::apply(grads[0], saved[0]);
+    return {dx, dw};
+  }
+};
+
+/// The plain LibTorch channel LayerNorm (biased variance), the reference of the fast kernel.
+inline torch::Tensor plain_layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                                      double eps) {
+  const torch::Tensor centred = x - x.mean(1, /*keepdim=*/true);
+  const torch::Tensor var = centred.pow(2).mean(1, /*keepdim=*/true);
+  return centred * torch::rsqrt(var + eps) * w.view({1, -1, 1, 1}) + b.view({1, -1, 1, 1});
+}
+
+struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& b, double eps) {
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["eps"] = eps;
+    return kernels::channel_layer_norm(x, w, b, eps);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &w = saved[1], &g = grads[0];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    if (!torch::GradMode::is_enabled()) {
+      std::vector<torch::Tensor> d = kernels::channel_layer_norm_backward(g, x, w, eps);
+      return {d[0], d[1], d[2], torch::Tensor()};
+    }
+    // The backward pass is being recorded: the same gradient from differentiable ops.
+    const torch::Tensor centred = x - x.mean(1, true);
+    const torch::Tensor rstd = torch::rsqrt(centred.pow(2).mean(1, true) + eps);
+    const torch::Tensor xhat = centred * rstd;
+    const torch::Tensor gxhat = g * w.view({1, -1, 1, 1});
+    const torch::Tensor dx = rstd * (gxhat - gxhat.mean(1, true) - xhat * (gxhat * xhat).mean(1, true));
+    return {dx, (g * xhat).sum({0, 2, 3}), g.sum({0, 2, 3}), torch::Tensor()};
+  }
+};
+
+struct GeluGateFunction : torch::autograd::Function<GeluGateFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return kernels::gelu_gate(a, b);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor &a = saved[0], &b = saved[1], &g = grads[0];
+    if (!torch::GradMode::is_enabled()) {
+      std::vector<torch::Tensor> d = kernels::gelu_gate_backward(g, a, b);
+      return {d[0], d[1]};
+    }
+    const torch::Tensor cdf = 0.5 * (1.0 + torch::erf(a * M_SQRT1_2));
+    const torch::Tensor pdf = torch::exp(-0.5 * a * a) * 0.3989422804014327;
+    return {g * b * (cdf + a * pdf), g * a * cdf};
+  }
+};
+
+}  // namespace detail
+
+/// a B1 x B2 x M x K times b B1 x B2 x K x N (batch dimensions broadcast as in torch::matmul when given by expand).
+inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.dim() == 4 && b.dim() == 4 && detail::fast({&a, &b})) return detail::BmmFunction::apply(a, b);
+  return torch::matmul(a, b);
+}
+
+/// 1x1 convolution without bias: x N x I x H x W, w O x I x 1 x 1.
+inline torch::Tensor conv1x1(const torch::Tensor& x, const torch::Tensor& w) {
+  if (!detail::fast({&x, &w})) return torch::conv2d(x, w);
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  const torch::Tensor weight = w.reshape({1, 1, out, in}).expand({n, 1, out, in});
+  return ops::bmm(weight, x.reshape({n, 1, in, x.size(2) * x.size(3)})).view({n, out, x.size(2), x.size(3)});
+}
+
+/// Dense 3x3 convolution, stride 1, zero padding 1, without bias: w O x I x 3 x 3.
+inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
+  if (!detail::fast({&x, &w})) return torch::conv2d(x, w, /*bias=*/{}, /*stride=*/1, /*padding=*/1);
+  return detail::Conv3x3Function::apply(x, w);
+}
+
+/// Depthwise 3x3 convolution, stride 1, zero padding 1, without bias: w C x 1 x 3 x 3.
+inline torch::Tensor depthwise3x3(const torch::Tensor& x, const torch::Tensor& w) {
+  if (!detail::fast({&x, &w})) return torch::conv2d(x, w, {}, 1, 1, /*dilation=*/1, /*groups=*/x.size(1));
+  return detail::DepthwiseFunction::apply(x, w);
+}
+
+/// Per-pixel LayerNorm over the channels of N x C x H x W (biased variance): weight and bias of size C.
+inline torch::Tensor channel_layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                                        double eps = 1e-5) {
+  if (!detail::fast({&x, &w, &b})) return detail::plain_layer_norm(x, w, b, eps);
+  return detail::LayerNormFunction::apply(x, w, b, eps);
+}
+
+/// gelu(a) * b with the exact (erf) GELU; a and b of one shape N x C x H x W.
+inline torch::Tensor gelu_gate(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.dim() != 4 || a.sizes() != b.sizes() || !detail::fast({&a, &b})) return torch::gelu(a) * b;
+  return detail::GeluGateFunction::apply(a, b);
+}
+
+}  // namespace tdfusion::nn::ops
