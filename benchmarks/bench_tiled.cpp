@@ -50,7 +50,6 @@ BENCHMARK(BM_ReFusion)
     ->UseRealTime();
 
 int main(int argc, char** argv) {
-  // Debian's LibTorch may start with a single intra-op thread; use every core.
   tdfusion::use_cpu_threads();
   tdfusion::reuse_freed_memory();
   benchmark::AddCustomContext("torch_threads", std::to_string(torch::get_num_threads()));

@@ -1,0 +1,190 @@
+// The fast CPU kernels: agreement with the plain LibTorch ops (float), and first and second derivatives against
+// central finite differences (double), for every op; the fast path of the whole fusion network.
+#include <doctest/doctest.h>
+
+#include "tdfusion/fusion/refusion.hpp"
+#include "tdfusion/core/autograd.hpp"
+#include "tdfusion/nn/kernels/ops.hpp"
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace tdfusion;
+namespace ops = tdfusion::nn::ops;
+using Tensors = std::vector<torch::Tensor>;
+using Op = std::function<torch::Tensor(const Tensors&)>;
+
+/// max |a - b| / max |b|: the error relative to the tensor's scale.
+double relative_error(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-300);
+}
+
+Tensors leaves(const Tensors& values) {
+  Tensors out;
+  for (const auto& v : values) out.push_back(v.detach().clone().requires_grad_(true));
+  return out;
+}
+
+/// The op and the gradient of sum(op * r) with respect to every input, fast or plain.
+std::pair<torch::Tensor, Tensors> value_and_grads(const Op& op, const Tensors& inputs, const torch::Tensor& r,
+                                                  bool fast) {
+  const ops::FastKernels mode(fast);
+  const Tensors x = leaves(inputs);
+  const torch::Tensor y = op(x);
+  return {y.detach(), gradients((y * r).sum(), x)};
+}
+
+/// Fast against plain in float: output and first-order gradients within 1e-5 of the tensors' scale.
+void check_agreement(const std::string& name, const Op& op, const Tensors& inputs) {
+  torch::manual_seed(7);
+  const torch::Tensor probe = op(inputs);
+  const torch::Tensor r = torch::randn(probe.sizes());
+  const auto [fast_y, fast_g] = value_and_grads(op, inputs, r, true);
+  const auto [plain_y, plain_g] = value_and_grads(op, inputs, r, false);
+  INFO(name);
+  CHECK(relative_error(fast_y, plain_y) < 1e-5);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    INFO("gradient of input " << i);
+    CHECK(relative_error(fast_g[i], plain_g[i]) < 1e-5);
+  }
+}
+
+/// First and second directional derivatives of L(x) = sum(op(x) * r) against central differences (double),
+/// along a random direction u of all inputs: dL.u, and d/dt <grad L(x + t u), v> = u^T H v via double backward.
+void check_derivatives(const std::string& name, const Op& op, const Tensors& inputs_float) {
+  torch::manual_seed(11);
+  Tensors inputs;
+  for (const auto& t : inputs_float) inputs.push_back(t.to(torch::kDouble));
+  const torch::Tensor r = torch::randn(op(inputs).sizes(), torch::kDouble);
+  Tensors u, v;
+  for (const auto& t : inputs) {
+    u.push_back(torch::randn(t.sizes(), torch::kDouble));
+    v.push_back(torch::randn(t.sizes(), torch::kDouble));
+  }
+  auto shifted = [&](double t) {
+    Tensors x;
+    for (size_t i = 0; i < inputs.size(); ++i) x.push_back(inputs[i] + t * u[i]);
+    return x;
+  };
+  auto loss = [&](const Tensors& x) { return (op(x) * r).sum(); };
+  auto grad_dot_v = [&](const Tensors& at, bool create_graph) {
+    const Tensors x = leaves(at);
+    const Tensors g = gradients(loss(x), x, {/*retain_graph=*/create_graph, /*create_graph=*/create_graph});
+    torch::Tensor dot = torch::zeros({}, torch::kDouble);
+    for (size_t i = 0; i < g.size(); ++i) dot = dot + (g[i] * v[i]).sum();
+    return std::make_pair(dot, x);
+  };
+  const double h = 1e-5;
+  INFO(name);
+  // First order.
+  const Tensors x = leaves(inputs);
+  const Tensors g = gradients(loss(x), x);
+  double analytic = 0;
+  for (size_t i = 0; i < g.size(); ++i) analytic += (g[i] * u[i]).sum().item<double>();
+  const double numeric = (loss(shifted(h)).item<double>() - loss(shifted(-h)).item<double>()) / (2 * h);
+  MESSAGE(name << ": first derivative " << analytic << " vs " << numeric);
+  CHECK(std::abs(analytic - numeric) <= 1e-6 * std::max(1.0, std::abs(numeric)));
+  // Second order: differentiate <grad L, v> once more.
+  const auto [dot, at] = grad_dot_v(inputs, /*create_graph=*/true);
+  const Tensors hv = gradients(dot, at);
+  double second = 0;
+  for (size_t i = 0; i < hv.size(); ++i) second += (hv[i] * u[i]).sum().item<double>();
+  const double second_numeric =
+      (grad_dot_v(shifted(h), false).first.item<double>() - grad_dot_v(shifted(-h), false).first.item<double>()) /
+      (2 * h);
+  MESSAGE(name << ": second derivative " << second << " vs " << second_numeric);
+  CHECK(std::abs(second) > 1e-8);  // the check would be empty for an op whose second derivative vanishes
+  CHECK(std::abs(second - second_numeric) <= 1e-5 * std::max(1.0, std::abs(second_numeric)));
+}
+
+/// The op's inputs at an odd size, and a channel split of a wider tensor (strided views, as the networks pass).
+struct Case {
+  std::string name;
+  Op op;
+  Tensors inputs;
+};
+
+std::vector<Case> cases() {
+  torch::manual_seed(3);
+  const torch::Tensor x = torch::randn({2, 5, 7, 9}), wide = torch::randn({2, 10, 7, 9});
+  const torch::Tensor split = wide.chunk(2, 1)[1];  // batch stride 10 * 63, not 5 * 63
+  std::vector<Case> all;
+  all.push_back({"conv1x1", [](const Tensors& t) { return ops::conv1x1(t[0], t[1]); }, {x, torch::randn({4, 5, 1, 1})}});
+  all.push_back({"conv1x1 of a channel split", [](const Tensors& t) { return ops::conv1x1(t[0], t[1]); },
+                 {split, torch::randn({3, 5, 1, 1})}});
+  all.push_back({"conv3x3", [](const Tensors& t) { return ops::conv3x3(t[0], t[1]); }, {x, torch::randn({3, 5, 3, 3})}});
+  all.push_back({"conv3x3, one channel in and out", [](const Tensors& t) { return ops::conv3x3(t[0], t[1]); },
+                 {torch::randn({1, 1, 6, 11}), torch::randn({1, 1, 3, 3})}});
+  all.push_back({"depthwise3x3", [](const Tensors& t) { return ops::depthwise3x3(t[0], t[1]); },
+                 {split, torch::randn({5, 1, 3, 3})}});
+  all.push_back({"depthwise3x3 on one column", [](const Tensors& t) { return ops::depthwise3x3(t[0], t[1]); },
+                 {torch::randn({1, 2, 5, 1}), torch::randn({2, 1, 3, 3})}});
+  all.push_back({"channel_layer_norm", [](const Tensors& t) { return ops::channel_layer_norm(t[0], t[1], t[2]); },
+                 {split * 3 + 1, torch::randn({5}), torch::randn({5})}});
+  all.push_back({"gelu_gate", [](const Tensors& t) { return ops::gelu_gate(t[0], t[1]); }, {split * 2, x}});
+  all.push_back({"bmm", [](const Tensors& t) { return ops::bmm(t[0], t[1]); },
+                 {torch::randn({2, 3, 4, 6}), torch::randn({2, 3, 6, 5})}});
+  all.push_back({"bmm with a transposed operand (a Gram matrix)",
+                 [](const Tensors& t) { return ops::bmm(t[0], t[0].transpose(-1, -2)); }, {torch::randn({2, 3, 4, 50})}});
+  all.push_back({"channel attention",
+                 [](const Tensors& t) { return nn::channel_attention(t[0], t[1], t[2], t[3], 2); },
+                 {torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}),
+                  torch::rand({2, 1, 1}) + 0.5}});
+  return all;
+}
+
+}  // namespace
+
+TEST_CASE("fast CPU kernels agree with the plain LibTorch ops to 1e-5 (values and gradients, float)") {
+  for (const Case& c : cases()) check_agreement(c.name, c.op, c.inputs);
+}
+
+TEST_CASE("fast CPU kernels: first and second derivatives match central finite differences (double)") {
+  for (const Case& c : cases()) check_derivatives(c.name, c.op, c.inputs);
+}
+
+TEST_CASE("bmm splits long products over the summed dimension and still agrees with matmul") {
+  torch::manual_seed(5);
+  const torch::Tensor a = torch::randn({1, 1, 8, 20000}), b = torch::randn({1, 1, 20000, 6});
+  const torch::Tensor fast = ops::bmm(a, b);
+  torch::Tensor plain;
+  {
+    const ops::FastKernels off(false);
+    plain = ops::bmm(a, b);
+  }
+  CHECK(relative_error(fast, plain) < 1e-5);
+}
+
+TEST_CASE("ops fall back to LibTorch for what the kernels do not cover") {
+  const torch::Tensor x = torch::randn({1, 2, 4, 4}).to(torch::kBFloat16), w = torch::randn({3, 2, 1, 1}).to(torch::kBFloat16);
+  const torch::Tensor y = ops::conv1x1(x, w);
+  CHECK((y.scalar_type() == torch::kBFloat16));
+  CHECK(relative_error(y.to(torch::kFloat), torch::conv2d(x, w).to(torch::kFloat)) == 0.0);
+  CHECK(ops::fast_kernels_enabled());
+  {
+    const ops::FastKernels off(false);
+    CHECK_FALSE(ops::fast_kernels_enabled());
+  }
+  CHECK(ops::fast_kernels_enabled());
+}
+
+TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and backward") {
+  torch::manual_seed(9);
+  fusion::ReFusion net;
+  const torch::Tensor ir = torch::rand({2, 1, 37, 45}), vi = torch::rand({2, 1, 37, 45});
+  auto run = [&](bool fast) {
+    const ops::FastKernels mode(fast);
+    const torch::Tensor y = net->forward(ir, vi);
+    return std::make_pair(y.detach(), gradients(y.square().sum(), net->parameters()));
+  };
+  const auto [fast_y, fast_g] = run(true);
+  const auto [plain_y, plain_g] = run(false);
+  CHECK(relative_error(fast_y, plain_y) < 1e-5);
+  double worst = 0;
+  for (size_t i = 0; i < fast_g.size(); ++i) worst = std::max(worst, relative_error(fast_g[i], plain_g[i]));
+  MESSAGE("worst relative gradient difference over ReFusion's parameters: " << worst);
+  CHECK(worst < 1e-4);
+}
