@@ -8,6 +8,7 @@
 //   tdfusion demo [--out DIR]                                     fuses built-in and (if present) shared pairs
 //
 // Exit codes: 0 success, 2 usage error, 1 data or runtime error (the message names the file).
+#include <tdfusion/distributed/process_group.hpp>
 #include <tdfusion/tdfusion.hpp>
 
 #include <CLI/CLI.hpp>
@@ -23,6 +24,13 @@
 #include <sstream>
 #include <thread>
 
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 // The built-in default model: examples/models/default_fusion.pth, embedded at build time by
@@ -117,10 +125,15 @@ int run_fuse(const FuseArgs& args) {
 struct TrainArgs {
   std::string data, labels, out = "tdfusion-run", fusion = "refusion", loss = "lpn", task = "small-seg",
               device = "cpu", task_size;
-  int64_t epochs = 10, meta_steps = 20, classes = 9, crop = 128, scenes = 32, scene_size = 128, val_every = 0;
+  int64_t epochs = 10, meta_steps = 20, classes = 9, crop = 128, scenes = 32, scene_size = 128, val_every = 0,
+          batch = 1;
   double fusion_lr = 1e-4, task_lr = 1e-4, meta_lr = 0.0;
   uint64_t seed = 0;
   bool resume = false;
+  // Data-parallel processes: --nproc N on one machine, or --world-size/--rank/--master-* on each of several.
+  int64_t nproc = 1, world_size = 1, rank = 0;
+  std::string master_addr = "127.0.0.1";
+  uint16_t master_port = 29500;
 };
 
 /// One line on stderr, rewritten in place: epoch, phase, step, losses, elapsed time.
@@ -217,11 +230,14 @@ void write_run_config(const TrainArgs& args) {
 
 template <class Fusion, class LossGenerator, class Task, class Dataset>
 int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dataset>& validation) {
-  fs::create_directories(args.out);
-  write_run_config(args);
+  const bool lead = args.rank == 0;  // only rank 0 writes files and reports
+  if (lead) {
+    fs::create_directories(args.out);
+    write_run_config(args);
+  }
   const std::string checkpoint = (fs::path(args.out) / "checkpoint.pt").string();
   auto options = meta::BilevelOptions()
-                     .epochs(args.epochs).meta_steps_per_epoch(args.meta_steps)
+                     .epochs(args.epochs).meta_steps_per_epoch(args.meta_steps).batch_pairs(args.batch)
                      .fusion_lr(args.fusion_lr).task_lr(args.task_lr).meta_lr(args.meta_lr)
                      .seed(args.seed).device(torch::Device(args.device)).checkpoint_path(checkpoint);
   torch::manual_seed(args.seed);
@@ -230,9 +246,25 @@ int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dat
     trainer.load(checkpoint);
     std::cout << "resuming " << checkpoint << " at epoch " << trainer.epoch() + 1 << '\n';
   }
+  if (args.world_size > 1) {
+    distributed::Rendezvous rendezvous;
+    rendezvous.host = args.master_addr;
+    rendezvous.port = args.master_port;
+    rendezvous.rank = static_cast<int>(args.rank);
+    rendezvous.world_size = static_cast<int>(args.world_size);
+    rendezvous.device = torch::Device(args.device);
+    trainer.set_communicator(distributed::ProcessGroupCommunicator::connect(rendezvous));
+    std::cout << "process " << args.rank << " of " << args.world_size << " joined " << args.master_addr << ":"
+              << args.master_port << '\n';
+  }
   if (validation) trainer.set_validation(*validation);
+  if (!lead) {
+    trainer.fit(dataset);
+    return 0;
+  }
   const bool learns_loss = !trainer.loss_generator()->parameters().empty();
-  trainer.fit(dataset, ProgressBar(args.epochs, learns_loss ? args.meta_steps : 0, static_cast<int64_t>(dataset.size())),
+  const int64_t steps = (static_cast<int64_t>(dataset.size()) + args.batch - 1) / args.batch;
+  trainer.fit(dataset, ProgressBar(args.epochs, learns_loss ? args.meta_steps : 0, steps),
               JsonLinesLog((fs::path(args.out) / "log.jsonl").string()));
   const std::string weights = (fs::path(args.out) / "fusion.pth").string();
   io::write_torch_state_dict(weights, io::released_layout(*trainer.fusion()));
@@ -290,7 +322,83 @@ int train_on(TrainArgs args) {
   return dispatch(folder.subset(split.train), std::make_optional(held_out.subset(split.held_out)));
 }
 
-int run_train(const TrainArgs& args) {
+int run_train(const TrainArgs& args, const std::vector<std::string>& command_line);
+
+/// A TCP port on the loopback interface that was free a moment ago.
+uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  TORCH_CHECK(fd >= 0, "tdfusion: cannot open a socket: ", std::strerror(errno));
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  socklen_t length = sizeof(address);
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
+  ::close(fd);
+  TORCH_CHECK(ok, "tdfusion: cannot find a free port on 127.0.0.1: ", std::strerror(errno));
+  return ntohs(address.sin_port);
+}
+
+/// `tdfusion train --nproc N`: this process becomes rank 0 of N on 127.0.0.1 and starts ranks 1 .. N-1 as
+/// copies of itself (their standard output discarded); a failure of any process fails the run.
+int launch(TrainArgs args, const std::vector<std::string>& command_line) {
+  args.world_size = args.nproc;
+  args.rank = 0;
+  args.master_addr = "127.0.0.1";
+  args.master_port = free_port();
+  std::vector<pid_t> children;
+  auto stop_children = [&children] {
+    for (const pid_t child : children) ::kill(child, SIGTERM);
+    for (const pid_t child : children) ::waitpid(child, nullptr, 0);
+  };
+  for (int64_t rank = 1; rank < args.nproc; ++rank) {
+    std::vector<std::string> words;
+    for (size_t i = 0; i < command_line.size(); ++i) {
+      if (command_line[i] == "--nproc") {
+        ++i;  // and its value
+      } else if (command_line[i].rfind("--nproc=", 0) != 0) {
+        words.push_back(command_line[i]);
+      }
+    }
+    for (const std::string& word : {std::string("--world-size"), std::to_string(args.nproc), std::string("--rank"),
+                                    std::to_string(rank), std::string("--master-port"),
+                                    std::to_string(args.master_port)}) {
+      words.push_back(word);
+    }
+    std::vector<char*> argv;
+    for (auto& word : words) argv.push_back(word.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+    pid_t child = 0;
+    const int error = posix_spawn(&child, "/proc/self/exe", &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (error != 0) {
+      stop_children();
+      TORCH_CHECK(false, "tdfusion: cannot start training process ", rank, ": ", std::strerror(error));
+    }
+    children.push_back(child);
+  }
+  int result = 1;
+  try {
+    result = run_train(args, command_line);
+  } catch (...) {
+    stop_children();
+    throw;
+  }
+  for (const pid_t child : children) {
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) result = 1;
+  }
+  TORCH_CHECK(result == 0, "tdfusion: a training process failed (see its message above)");
+  return result;
+}
+
+int run_train(const TrainArgs& args, const std::vector<std::string>& command_line) {
+  if (args.nproc > 1 && args.world_size == 1) return launch(args, command_line);
   const bool detection = args.task == "yolov8" || args.task == "small-det";
   return detection ? train_on<task::DetectionTarget>(args) : train_on<torch::Tensor>(args);
 }
@@ -452,6 +560,15 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--seed", train.seed)->capture_default_str();
   train_cmd->add_option("--device", train.device, "cpu or cuda")->capture_default_str();
   train_cmd->add_flag("--resume", train.resume, "continue from OUT/checkpoint.pt");
+  train_cmd->add_option("--batch", train.batch, "pairs per step over all processes (each adds its modality swap)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  train_cmd->add_option("--nproc", train.nproc, "data-parallel processes on this machine (Gloo on 127.0.0.1)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  train_cmd->add_option("--world-size", train.world_size, "processes over all machines (with --rank, --master-addr)")
+      ->check(CLI::PositiveNumber);
+  train_cmd->add_option("--rank", train.rank, "this process's rank, 0 .. world-size - 1")->check(CLI::NonNegativeNumber);
+  train_cmd->add_option("--master-addr", train.master_addr, "host of rank 0 (the TCP store)");
+  train_cmd->add_option("--master-port", train.master_port, "port of the TCP store on rank 0");
   train_cmd->add_option("--val-every", train.val_every,
                         "hold out every n-th pair (sorted by name) and validate on them after each epoch")
       ->check(CLI::Range(int64_t{2}, std::numeric_limits<int64_t>::max()));
@@ -494,7 +611,7 @@ int main(int argc, char** argv) {
   reuse_freed_memory();
   try {
     if (*fuse_cmd) return run_fuse(fuse);
-    if (*train_cmd) return run_train(train);
+    if (*train_cmd) return run_train(train, std::vector<std::string>(argv, argv + argc));
     if (*demo_cmd) return run_demo(demo_out, shared_dir, demo_weights);
     if (*eval_cmd) return run_eval(eval, threads);
   } catch (const CLI::ValidationError& e) {

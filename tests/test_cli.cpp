@@ -1,7 +1,12 @@
 // The `tdfusion` command, run as a user would: outputs on real pairs, exit codes and messages on bad input.
 #include <doctest/doctest.h>
 
+#include "tdfusion/data/synthetic_scenes.hpp"
+#include "tdfusion/fusion/light_fusion.hpp"
+#include "tdfusion/io/checkpoint.hpp"
 #include "tdfusion/io/image.hpp"
+#include "tdfusion/lossgen/lpn.hpp"
+#include "tdfusion/task/segmentation.hpp"
 
 #include <array>
 #include <cstdio>
@@ -242,4 +247,54 @@ TEST_CASE("tdfusion train --val-every validates on held-out MSRS pairs; eval --t
                 " --labels " + quoted(scratch / "labels"));
   CHECK(run.exit_code == 1);
   CHECK(run.output.find("config.json") != std::string::npos);
+}
+
+TEST_CASE("tdfusion train --nproc 2 (Gloo on loopback) gives the parameters of one process on the combined batch") {
+  Scratch scratch("ddp");
+  const std::string common = "train --fusion light --task small-seg --scenes 4 --scene-size 32 --crop 24 --meta-steps 2"
+                             " --epochs 2 --fusion-lr 1e-3 --task-lr 1e-3 --out ";
+  Run single = run_cli(common + quoted(scratch / "one") + " --batch 2");
+  INFO(single.output);
+  REQUIRE(single.exit_code == 0);
+  Run parallel = run_cli(common + quoted(scratch / "two") + " --batch 2 --nproc 2");
+  INFO(parallel.output);
+  REQUIRE(parallel.exit_code == 0);
+  CHECK(parallel.output.find("process 0 of 2 joined 127.0.0.1:") != std::string::npos);
+
+  // All three networks of both runs' checkpoints, parameter by parameter.
+  namespace td = tdfusion;
+  auto networks = [] {
+    torch::manual_seed(0);
+    return std::make_tuple(td::fusion::LightFusion(), td::lossgen::Lpn(),
+                           td::task::SmallSegNet(td::task::SmallSegNetOptions().num_classes(td::data::kSceneClasses)));
+  };
+  auto load = [](const std::string& path, auto& nets) {
+    td::io::CheckpointState state;
+    state.modules = {{"fusion", std::get<0>(nets).ptr()}, {"loss_generator", std::get<1>(nets).ptr()},
+                     {"task", std::get<2>(nets).ptr()}};
+    td::io::load_checkpoint(path, state);
+  };
+  auto a = networks(), b = networks();
+  load(scratch / "one/checkpoint.pt", a);
+  load(scratch / "two/checkpoint.pt", b);
+  double worst = 0.0, moved = 0.0;
+  auto compare = [&](const torch::nn::Module& x, const torch::nn::Module& y, const torch::nn::Module& initial) {
+    const auto px = x.parameters(), py = y.parameters(), p0 = initial.parameters();
+    REQUIRE(px.size() == py.size());
+    for (size_t i = 0; i < px.size(); ++i) {
+      worst = std::max(worst, (px[i] - py[i]).abs().max().item<double>());
+      moved = std::max(moved, (px[i] - p0[i]).abs().max().item<double>());
+    }
+  };
+  auto initial = networks();
+  compare(*std::get<0>(a), *std::get<0>(b), *std::get<0>(initial));
+  compare(*std::get<1>(a), *std::get<1>(b), *std::get<1>(initial));
+  compare(*std::get<2>(a), *std::get<2>(b), *std::get<2>(initial));
+  MESSAGE("largest parameter change in training " << moved << ", largest difference between the runs " << worst);
+  CHECK(moved > 1e-3);  // the runs trained
+  CHECK(worst < 1e-5);
+
+  const Run uneven = run_cli(common + quoted(scratch / "three") + " --nproc 2 --batch 3");
+  CHECK(uneven.exit_code == 1);
+  CHECK(uneven.output.find("batch_pairs (3) must be a multiple of the number of processes (2)") != std::string::npos);
 }

@@ -115,9 +115,6 @@ std::vector<Case> cases() {
   all.push_back({"conv1x1", [](const Tensors& t) { return ops::conv1x1(t[0], t[1]); }, {x, torch::randn({4, 5, 1, 1})}});
   all.push_back({"conv1x1 of a channel split", [](const Tensors& t) { return ops::conv1x1(t[0], t[1]); },
                  {split, torch::randn({3, 5, 1, 1})}});
-  all.push_back({"conv3x3", [](const Tensors& t) { return ops::conv3x3(t[0], t[1]); }, {x, torch::randn({3, 5, 3, 3})}});
-  all.push_back({"conv3x3, one channel in and out", [](const Tensors& t) { return ops::conv3x3(t[0], t[1]); },
-                 {torch::randn({1, 1, 6, 11}), torch::randn({1, 1, 3, 3})}});
   all.push_back({"depthwise3x3", [](const Tensors& t) { return ops::depthwise3x3(t[0], t[1]); },
                  {split, torch::randn({5, 1, 3, 3})}});
   all.push_back({"depthwise3x3 on one column", [](const Tensors& t) { return ops::depthwise3x3(t[0], t[1]); },

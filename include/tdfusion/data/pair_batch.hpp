@@ -50,4 +50,28 @@ struct PairBatch {
   }
 };
 
+/// Several batches as one: images, crops and targets concatenated along the batch, in order. All parts must
+/// share their task and crop sizes.
+template <class Target>
+PairBatch<Target> concat(const std::vector<PairBatch<Target>>& parts) {
+  TORCH_CHECK(!parts.empty(), "tdfusion: cannot concatenate zero batches");
+  if (parts.size() == 1) return parts.front();
+  std::vector<torch::Tensor> ir, vi, ir_crop, vi_crop;
+  std::vector<Target> targets;
+  for (const PairBatch<Target>& part : parts) {
+    TORCH_CHECK(part.ir.sizes().slice(1) == parts.front().ir.sizes().slice(1) &&
+                    part.ir_crop.sizes().slice(1) == parts.front().ir_crop.sizes().slice(1),
+                "tdfusion: samples of one step differ in size (task input ", parts.front().ir.sizes(), " vs ",
+                part.ir.sizes(), ", crops ", parts.front().ir_crop.sizes(), " vs ", part.ir_crop.sizes(),
+                "); batches of several pairs need a fixed task size and a crop no larger than the smallest image");
+    ir.push_back(part.ir);
+    vi.push_back(part.vi);
+    ir_crop.push_back(part.ir_crop);
+    vi_crop.push_back(part.vi_crop);
+    targets.push_back(part.target);
+  }
+  return {torch::cat(ir, 0), torch::cat(vi, 0), TargetTraits<Target>::concat(targets), torch::cat(ir_crop, 0),
+          torch::cat(vi_crop, 0)};
+}
+
 }  // namespace tdfusion::data

@@ -5,7 +5,6 @@
 //   L_f    = L_int + alpha * L_grad
 
 #include "tdfusion/core/checks.hpp"
-#include "tdfusion/nn/kernels/ops.hpp"
 
 #include <torch/torch.h>
 
@@ -16,7 +15,7 @@ namespace tdfusion::loss {
 inline torch::Tensor sobel(const torch::Tensor& x, bool y_direction) {
   torch::Tensor kernel = torch::tensor({-1.0, 0.0, 1.0, -2.0, 0.0, 2.0, -1.0, 0.0, 1.0}, x.options()).view({1, 1, 3, 3});
   if (y_direction) kernel = kernel.transpose(2, 3).contiguous();
-  return nn::ops::conv3x3(x, kernel);
+  return torch::conv2d(x, kernel, /*bias=*/{}, /*stride=*/1, /*padding=*/1);
 }
 
 /// Per pixel, the signed value of `a` where |a| >= |b| (ties go to a), else of `b`.

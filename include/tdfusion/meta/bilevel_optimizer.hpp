@@ -23,7 +23,15 @@
 //
 // A dataset is any object with `size_t size() const` and `PairBatch<Target> get(uint64_t counter) const`:
 // the optimiser draws samples with an ever-increasing counter (saved in checkpoints), so a dataset that
-// derives its randomness from the counter makes runs reproducible and resumable.
+// derives its randomness from the counter makes runs reproducible and resumable. A step takes
+// options.batch_pairs() consecutive samples.
+//
+// Data parallelism (set_communicator): every process takes its share of each step's samples, and the
+// optimiser averages what the combined batch would sum, so N processes compute the same updates as one
+// process with batch_pairs() pairs: the task network's gradients (look-ahead and phase B), the fusion
+// network's (phase B), the inner gradient that forms theta' (its value; each process differentiates its own
+// share), the outer gradient dL_task/dtheta', and the hypergradient. Rank 0 writes checkpoints and decides
+// when a callback stops training.
 
 #include "tdfusion/core/autograd.hpp"
 #include "tdfusion/core/eval_mode.hpp"
@@ -33,6 +41,7 @@
 #include "tdfusion/io/checkpoint.hpp"
 #include "tdfusion/loss/fusion_loss.hpp"
 #include "tdfusion/meta/callbacks.hpp"
+#include "tdfusion/meta/communicator.hpp"
 #include "tdfusion/meta/options.hpp"
 #include "tdfusion/meta/update_policies/max_normalized_sgd.hpp"
 #include "tdfusion/meta/update_policies/sgd_fast_weights.hpp"
@@ -41,6 +50,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -110,6 +120,14 @@ class BilevelOptimizer {
   template <class Dataset>
   void set_validation(Dataset dataset, ValidationOptions options = {});
 
+  /// Trains data-parallel with the other processes of `communicator` (see the class comment): rank 0's
+  /// networks are copied to every process now, and every step from here on is shared.
+  void set_communicator(std::shared_ptr<Communicator> communicator);
+
+  /// The next step's samples of this process: its share of options.batch_pairs() pairs, concatenated.
+  template <class Dataset>
+  Batch draw(const Dataset& dataset);
+
   /// The outer objective L_task(T(F_theta'(meta_test))) with theta' the inner step on meta_train, as a
   /// differentiable function of G's parameters (no look-ahead, nothing updated). Used by meta_step; public
   /// so that the hypergradient can be checked against finite differences.
@@ -134,7 +152,16 @@ class BilevelOptimizer {
  private:
   struct MetaLosses {
     torch::Tensor inner_fusion_loss, outer_task_loss;
+    std::vector<torch::Tensor> fast_weights;  ///< theta', a function of G's parameters
   };
+  int rank() const { return communicator_ ? communicator_->rank() : 0; }
+  int world_size() const { return communicator_ ? communicator_->world_size() : 1; }
+  void average(const std::vector<torch::Tensor>& tensors) const;
+  /// `values` averaged over the processes (the reports' losses of the combined batch).
+  std::vector<double> averaged(std::vector<double> values) const;
+  /// Rank 0's decision, on every process.
+  bool agreed(bool stop) const;
+  static std::vector<torch::Tensor> gradients_of(const torch::nn::Module& module);
   Batch prepare(const Batch& batch) const;
   MetaLosses meta_losses(const Batch& prepared_train, const Batch& prepared_test);
   void look_ahead(const Batch& prepared_train);
@@ -153,6 +180,7 @@ class BilevelOptimizer {
   torch::optim::Adam fusion_optimizer_;
   torch::optim::Adam task_optimizer_;
   std::function<ValidationReport(BilevelOptimizer&)> validation_;
+  std::shared_ptr<Communicator> communicator_;
   int64_t validation_every_ = 1;
   int64_t epoch_ = 0;
   uint64_t sample_counter_ = 0;

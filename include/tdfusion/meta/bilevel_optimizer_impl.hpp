@@ -38,6 +38,7 @@ BilevelOptimizer<F, G, T, I, O>::BilevelOptimizer(F fusion, G loss_generator, T 
               "tdfusion: epochs and meta_steps_per_epoch must not be negative");
   TORCH_CHECK(options_.fusion_lr() > 0 && options_.task_lr() > 0, "tdfusion: learning rates must be positive");
   TORCH_CHECK(options_.lr_step_epochs() > 0, "tdfusion: lr_step_epochs must be positive");
+  TORCH_CHECK(options_.batch_pairs() > 0, "tdfusion: batch_pairs must be positive, got ", options_.batch_pairs());
   TORCH_CHECK(!fusion_->parameters().empty(), "tdfusion: the fusion network has no parameters to train");
 }
 
@@ -80,10 +81,19 @@ typename BilevelOptimizer<F, G, T, I, O>::MetaLosses BilevelOptimizer<F, G, T, I
   MetaLosses losses;
   losses.inner_fusion_loss =
       loss::fusion_loss(fused_crop, train.ir_crop, train.vi_crop, weights, options_.gradient_weight()).total;
-  const std::vector<torch::Tensor> grads =
+  std::vector<torch::Tensor> grads =
       gradients(losses.inner_fusion_loss, theta.values(),
                 {/*retain_graph=*/true, /*create_graph=*/options_.second_order()});
+  if (world_size() > 1) {
+    // The combined batch's gradient as the value; the derivative in phi through this process's share (the
+    // shares' derivatives are added up in the hypergradient's average).
+    std::vector<torch::Tensor> mean;
+    for (const auto& g : grads) mean.push_back(g.detach().clone());
+    average(mean);
+    for (size_t i = 0; i < grads.size(); ++i) grads[i] = grads[i] + (mean[i] - grads[i].detach());
+  }
   const ParamDict fast = inner_update_.fast_weights(theta, grads, beta(options_.inner_lr()));
+  losses.fast_weights = fast.values();
   // Outer: the task loss of F with fast weights on a different batch.
   const torch::Tensor fused = fusion_->forward_with(ParamView(fast), test.ir, test.vi);
   losses.outer_task_loss = task_->loss(fused, test.target);
@@ -113,6 +123,7 @@ void BilevelOptimizer<F, G, T, I, O>::look_ahead(const Batch& train) {
   detail::finite_loss(loss, "look-ahead task loss", epoch_, sample_counter_);
   task_optimizer_.zero_grad();
   loss.backward();
+  average(gradients_of(*task_));
   task_optimizer_.step();
 }
 
@@ -129,7 +140,22 @@ MetaStepReport BilevelOptimizer<F, G, T, I, O>::meta_step(const Batch& meta_trai
   report.task_loss = detail::finite_loss(losses.outer_task_loss, "outer task loss", epoch_, sample_counter_);
   const std::vector<torch::Tensor> phi = trainable(*loss_generator_);
   TORCH_CHECK(!phi.empty(), "tdfusion: the loss generator has no trainable parameters: there is nothing to meta-learn");
-  const std::vector<torch::Tensor> hypergrad = gradients(losses.outer_task_loss, phi);
+  // The hypergradient in two stages: dL_task/dtheta' (averaged over the processes), then back through theta'(phi).
+  std::vector<torch::Tensor> outer = gradients(losses.outer_task_loss, losses.fast_weights, {/*retain_graph=*/true});
+  average(outer);
+  std::vector<torch::Tensor> through, directions;
+  for (size_t i = 0; i < outer.size(); ++i) {
+    if (!losses.fast_weights[i].requires_grad()) continue;  // without second-order terms theta' is a constant
+    through.push_back(losses.fast_weights[i]);
+    directions.push_back(outer[i]);
+  }
+  std::vector<torch::Tensor> hypergrad;
+  if (through.empty()) {
+    for (const auto& p : phi) hypergrad.push_back(torch::zeros_like(p));
+  } else {
+    hypergrad = gradients(through, phi, directions);
+  }
+  average(hypergrad);
   report.hypergradient_max = outer_update_.step(phi, hypergrad, beta(options_.meta_lr()));
 
   {
@@ -140,6 +166,9 @@ MetaStepReport BilevelOptimizer<F, G, T, I, O>::meta_step(const Batch& meta_trai
   task_optimizer_.zero_grad();
   report.epoch = epoch_;
   report.fusion_loss = losses.inner_fusion_loss.template item<double>();
+  const std::vector<double> means = averaged({report.fusion_loss, report.task_loss});
+  report.fusion_loss = means[0];
+  report.task_loss = means[1];
   return report;
 }
 
@@ -160,6 +189,7 @@ TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
   report.fusion_loss = detail::finite_loss(fusion_loss, "fusion loss", epoch_, sample_counter_);
   fusion_optimizer_.zero_grad();
   fusion_loss.backward();
+  average(gradients_of(*fusion_));
   fusion_optimizer_.step();
 
   torch::Tensor fused;
@@ -171,7 +201,16 @@ TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
   report.task_loss = detail::finite_loss(task_loss, "task loss", epoch_, sample_counter_);
   task_optimizer_.zero_grad();
   task_loss.backward();
+  average(gradients_of(*task_));
   task_optimizer_.step();
+  if (world_size() > 1) {
+    // Batch-norm statistics see only this process's share: keep every replica on rank 0's.
+    communicator_->broadcast(task_->buffers());
+    communicator_->broadcast(fusion_->buffers());
+  }
+  const std::vector<double> means = averaged({report.fusion_loss, report.task_loss});
+  report.fusion_loss = means[0];
+  report.task_loss = means[1];
   return report;
 }
 
@@ -182,6 +221,7 @@ void BilevelOptimizer<F, G, T, I, O>::fit(const Dataset& dataset, Callbacks&&...
                 "tdfusion: the dataset lacks `PairBatch<Target> get(uint64_t counter) const` for this task's Target");
   const auto size = static_cast<int64_t>(dataset.size());
   TORCH_CHECK(size > 0, "tdfusion: the training dataset is empty");
+  const int64_t steps = (size + options_.batch_pairs() - 1) / options_.batch_pairs();  // phase B: one pass
   const bool learn_loss = !trainable(*loss_generator_).empty();
   fusion_->train();
   task_->train();
@@ -190,27 +230,31 @@ void BilevelOptimizer<F, G, T, I, O>::fit(const Dataset& dataset, Callbacks&&...
     set_learning_rates();
     bool stop = false;
     for (int64_t step = 0; learn_loss && step < options_.meta_steps_per_epoch() && !stop; ++step) {
-      const Batch meta_train = dataset.get(sample_counter_++);
-      const Batch meta_test = dataset.get(sample_counter_++);
+      const Batch meta_train = draw(dataset);
+      const Batch meta_test = draw(dataset);
       MetaStepReport report = meta_step(meta_train, meta_test);
       report.step = step;
-      stop = notify(report, callbacks...);
+      stop = agreed(notify(report, callbacks...));
     }
     EpochReport epoch_report;
     epoch_report.epoch = epoch_;
     epoch_report.learning_rate = options_.fusion_lr() * learning_rate_factor();
-    for (int64_t step = 0; step < size && !stop; ++step) {
-      TrainStepReport report = train_step(dataset.get(sample_counter_++));
+    for (int64_t step = 0; step < steps && !stop; ++step) {
+      TrainStepReport report = train_step(draw(dataset));
       report.step = step;
-      epoch_report.fusion_loss += report.fusion_loss / static_cast<double>(size);
-      epoch_report.task_loss += report.task_loss / static_cast<double>(size);
-      stop = notify(report, callbacks...);
+      epoch_report.fusion_loss += report.fusion_loss / static_cast<double>(steps);
+      epoch_report.task_loss += report.task_loss / static_cast<double>(steps);
+      stop = agreed(notify(report, callbacks...));
     }
     if (stop) return;  // an interrupted epoch is not counted and not checkpointed
     ++epoch_;
-    if (!options_.checkpoint_path().empty()) save(options_.checkpoint_path());
-    if (notify(epoch_report, callbacks...)) return;
-    if (validation_ && epoch_ % validation_every_ == 0 && notify(validation_(*this), callbacks...)) return;
+    if (!options_.checkpoint_path().empty() && rank() == 0) save(options_.checkpoint_path());
+    if (agreed(notify(epoch_report, callbacks...))) return;
+    // Rank 0 validates; the others wait for its verdict.
+    if (validation_ && epoch_ % validation_every_ == 0 &&
+        agreed(rank() == 0 && notify(validation_(*this), callbacks...))) {
+      return;
+    }
   }
 }
 
@@ -256,6 +300,63 @@ void BilevelOptimizer<F, G, T, I, O>::set_validation(Dataset dataset, Validation
   validation_ = [dataset = std::move(dataset), options](BilevelOptimizer& trainer) {
     return trainer.validate(dataset, options);
   };
+}
+
+template <class F, class G, class T, class I, class O>
+void BilevelOptimizer<F, G, T, I, O>::set_communicator(std::shared_ptr<Communicator> communicator) {
+  TORCH_CHECK(communicator != nullptr, "tdfusion: set_communicator got a null communicator");
+  TORCH_CHECK(options_.batch_pairs() % communicator->world_size() == 0, "tdfusion: batch_pairs (",
+              options_.batch_pairs(), ") must be a multiple of the number of processes (", communicator->world_size(),
+              ")");
+  communicator_ = std::move(communicator);
+  for (torch::nn::Module* module : {static_cast<torch::nn::Module*>(fusion_.get()),
+                                    static_cast<torch::nn::Module*>(loss_generator_.get()),
+                                    static_cast<torch::nn::Module*>(task_.get())}) {
+    communicator_->broadcast(module->parameters());
+    communicator_->broadcast(module->buffers());
+  }
+}
+
+template <class F, class G, class T, class I, class O>
+template <class Dataset>
+typename BilevelOptimizer<F, G, T, I, O>::Batch BilevelOptimizer<F, G, T, I, O>::draw(const Dataset& dataset) {
+  const int64_t share = options_.batch_pairs() / world_size();
+  std::vector<Batch> parts;
+  for (int64_t j = 0; j < share; ++j) {
+    parts.push_back(dataset.get(sample_counter_ + static_cast<uint64_t>(rank() * share + j)));
+  }
+  sample_counter_ += static_cast<uint64_t>(options_.batch_pairs());
+  return data::concat(parts);
+}
+
+template <class F, class G, class T, class I, class O>
+void BilevelOptimizer<F, G, T, I, O>::average(const std::vector<torch::Tensor>& tensors) const {
+  if (world_size() > 1) communicator_->average(tensors);
+}
+
+template <class F, class G, class T, class I, class O>
+std::vector<double> BilevelOptimizer<F, G, T, I, O>::averaged(std::vector<double> values) const {
+  if (world_size() == 1) return values;
+  const torch::Tensor t = torch::tensor(values, torch::kDouble);
+  communicator_->average({t});
+  return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+}
+
+template <class F, class G, class T, class I, class O>
+bool BilevelOptimizer<F, G, T, I, O>::agreed(bool stop) const {
+  if (world_size() == 1) return stop;
+  const torch::Tensor flag = torch::full({1}, stop ? 1.0 : 0.0, torch::kDouble);
+  communicator_->broadcast({flag});
+  return flag.item<double>() != 0.0;
+}
+
+template <class F, class G, class T, class I, class O>
+std::vector<torch::Tensor> BilevelOptimizer<F, G, T, I, O>::gradients_of(const torch::nn::Module& module) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : module.parameters()) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  return grads;
 }
 
 template <class F, class G, class T, class I, class O>

@@ -19,6 +19,8 @@ struct BilevelOptions {
   TORCH_ARG(double, lr_gamma) = 0.1;               ///< StepLR factor
   TORCH_ARG(double, gradient_weight) = 1.0;        ///< alpha of the fusion loss's gradient term
   TORCH_ARG(bool, modality_swap) = true;           ///< append every pair with ir and vi exchanged
+  /// Pairs per step over all processes (the release: 1); with a Communicator each process takes its share.
+  TORCH_ARG(int64_t, batch_pairs) = 1;
   TORCH_ARG(bool, task_lookahead) = true;          ///< one Adam step of T before the outer loss, then restore
   /// Differentiate through the inner gradient (create_graph). Off, the loss generator gets no gradient at
   /// all: it learns only through second-order terms. Kept as an option to demonstrate exactly that.

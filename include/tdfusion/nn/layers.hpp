@@ -31,8 +31,6 @@ class ConvImpl : public torch::nn::Module {
     torch::Tensor y;
     if (kernel_ == 1 && groups_ == 1) {
       y = ops::conv1x1(x, w);
-    } else if (kernel_ == 3 && groups_ == 1) {
-      y = ops::conv3x3(x, w);
     } else if (kernel_ == 3 && groups_ == x.size(1) && w.size(0) == groups_) {
       y = ops::depthwise3x3(x, w);
     } else {

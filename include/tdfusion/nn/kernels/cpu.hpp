@@ -5,10 +5,9 @@
 // them in autograd functions. Every kernel takes and returns plain NCHW tensors of float or double.
 //
 //   bmm                  C[i, j] = A[i, j] B[i, j] over two batch dimensions; operands row- or column-major
-//   conv3x3              dense 3x3 convolution, stride 1, zero padding 1 (chunked im2col + GEMM)
-//   conv3x3_weight_grad  its weight gradient sum_n,p dy[o, p] x[i, p + k]
+//                        (1x1 convolutions, channel attention and their gradients)
 //   depthwise3x3         depthwise 3x3 convolution, stride 1, zero padding 1 (vectorised rows)
-//   depthwise3x3_weight_grad
+//   depthwise3x3_weight_grad  its weight gradient sum_n,p dy[c, p] x[c, p + k]
 //   channel_layer_norm   per-pixel LayerNorm over channels (biased variance), and its first-order backward
 //   gelu_gate            gelu(a) * b with the exact (erf) GELU, and its first-order backward
 //
@@ -144,121 +143,6 @@ inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
     }
   });
   return c;
-}
-
-namespace detail {
-
-/// Rows of output per im2col chunk: about 64k column-buffer entries per chunk, at least one row.
-inline int64_t im2col_rows(int64_t width, int64_t in_channels) {
-  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width * 9 * in_channels));
-}
-
-/// Fills col ((r1 - r0) * W x 9 I, column-major) with the 3x3 neighbourhoods of rows r0 .. r1 of image x (I x H x W),
-/// zero outside the image. Column index (i, ky, kx) = i * 9 + ky * 3 + kx, the layout of a conv weight's last dims.
-template <class T>
-void im2col3x3(const T* x, int64_t channels, int64_t height, int64_t width, int64_t r0, int64_t r1, T* col) {
-  const int64_t pixels = (r1 - r0) * width;
-  for (int64_t i = 0; i < channels; ++i) {
-    for (int64_t ky = 0; ky < 3; ++ky) {
-      for (int64_t kx = 0; kx < 3; ++kx) {
-        T* dst = col + (i * 9 + ky * 3 + kx) * pixels;
-        for (int64_t r = r0; r < r1; ++r) {
-          T* row = dst + (r - r0) * width;
-          const int64_t src_row = r + ky - 1;
-          if (src_row < 0 || src_row >= height) {
-            std::fill(row, row + width, T(0));
-            continue;
-          }
-          const T* src = x + (i * height + src_row) * width;
-          const int64_t shift = kx - 1;  // row[c] = src[c + shift]
-          const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(width, width - shift);
-          std::fill(row, row + lo, T(0));
-          std::copy(src + lo + shift, src + hi + shift, row + lo);
-          std::fill(row + hi, row + width, T(0));
-        }
-      }
-    }
-  }
-}
-
-}  // namespace detail
-
-/// Dense 3x3 convolution, stride 1, zero padding 1: x N x I x H x W (block-contiguous), w O x I x 3 x 3.
-inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
-  RECORD_FUNCTION("tdfusion::conv3x3", std::vector<c10::IValue>());
-  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == 3 && w.size(3) == 3,
-              "tdfusion: conv3x3 kernel got input ", x.sizes(), " and weight ", w.sizes());
-  const int64_t batch = x.size(0), in = x.size(1), h = x.size(2), width = x.size(3), out = w.size(0);
-  multiply_adds() += batch * h * width * out * 9 * in;
-  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
-  const torch::Tensor wc = w.contiguous();
-  torch::Tensor y = torch::empty({batch, out, h, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
-  if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_conv3x3", [&] {
-    using T = scalar_t;
-    const int64_t rows = std::min(h, detail::im2col_rows(width, in));
-    const int64_t row_chunks = (h + rows - 1) / rows;
-    const Eigen::Map<const detail::ColMatrix<T>> weight(wc.data_ptr<T>(), 9 * in, out);
-    at::parallel_for(0, batch * row_chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> col(static_cast<size_t>(rows * width * 9 * in));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / row_chunks, r0 = (item % row_chunks) * rows, r1 = std::min(h, r0 + rows);
-        const int64_t pixels = (r1 - r0) * width;
-        detail::im2col3x3(xc.data_ptr<T>() + n * xc.stride(0), in, h, width, r0, r1, col.data());
-        const Eigen::Map<const detail::ColMatrix<T>> patches(col.data(), pixels, 9 * in);
-        Eigen::Map<detail::ColMatrix<T>, 0, Eigen::OuterStride<>> dst(
-            y.data_ptr<T>() + n * out * h * width + r0 * width, pixels, out, Eigen::OuterStride<>(h * width));
-        dst.noalias() = patches * weight;
-      }
-    });
-  });
-  return y;
-}
-
-/// The weight gradient of conv3x3: dw[o, i, ky, kx] = sum_n,p dy[n, o, p] x[n, i, p + (ky - 1, kx - 1)].
-inline torch::Tensor conv3x3_weight_grad(const torch::Tensor& dy, const torch::Tensor& x) {
-  RECORD_FUNCTION("tdfusion::conv3x3_weight_grad", std::vector<c10::IValue>());
-  TORCH_CHECK(dy.dim() == 4 && x.dim() == 4 && dy.size(0) == x.size(0) && dy.size(2) == x.size(2) &&
-                  dy.size(3) == x.size(3),
-              "tdfusion: conv3x3 weight-gradient kernel got ", dy.sizes(), " and ", x.sizes());
-  const int64_t batch = x.size(0), in = x.size(1), h = x.size(2), width = x.size(3), out = dy.size(1);
-  multiply_adds() += batch * h * width * out * 9 * in;
-  const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
-  const torch::Tensor gc = detail::block_contiguous(dy) ? dy : dy.contiguous();
-  torch::Tensor dw = torch::zeros({out, in, 3, 3}, x.options().memory_format(torch::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_conv3x3_weight_grad", [&] {
-    using T = scalar_t;
-    const int64_t rows = std::min(h, detail::im2col_rows(width, in));
-    const int64_t row_chunks = (h + rows - 1) / rows;
-    const int64_t items = batch * row_chunks, per_part = 9 * in * out;
-    // Each part sums a fixed range of items in double; parts are added in order (deterministic for a thread count).
-    const int64_t parts = std::min<int64_t>(items, std::max<int64_t>(1, at::get_num_threads()));
-    std::vector<double> partial(static_cast<size_t>(parts * per_part), 0.0);
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> col(static_cast<size_t>(rows * width * 9 * in));
-      detail::ColMatrix<T> sum(9 * in, out);
-      for (int64_t part = begin; part < end; ++part) {
-        Eigen::Map<detail::ColMatrix<double>> acc(partial.data() + part * per_part, 9 * in, out);
-        for (int64_t item = part * items / parts; item < (part + 1) * items / parts; ++item) {
-          const int64_t n = item / row_chunks, r0 = (item % row_chunks) * rows, r1 = std::min(h, r0 + rows);
-          const int64_t pixels = (r1 - r0) * width;
-          detail::im2col3x3(xc.data_ptr<T>() + n * xc.stride(0), in, h, width, r0, r1, col.data());
-          const Eigen::Map<const detail::ColMatrix<T>> patches(col.data(), pixels, 9 * in);
-          const Eigen::Map<const detail::ColMatrix<T>, 0, Eigen::OuterStride<>> grad(
-              gc.data_ptr<T>() + n * gc.stride(0) + r0 * width, pixels, out, Eigen::OuterStride<>(h * width));
-          sum.noalias() = patches.transpose() * grad;
-          acc += sum.template cast<double>();
-        }
-      }
-    });
-    T* pw = dw.data_ptr<T>();  // O x (9 I) row-major = the (9 I) x O column-major sums
-    for (int64_t e = 0; e < per_part; ++e) {
-      double total = 0;
-      for (int64_t part = 0; part < parts; ++part) total += partial[static_cast<size_t>(part * per_part + e)];
-      pw[e] = static_cast<T>(total);
-    }
-  });
-  return dw;
 }
 
 namespace detail {

@@ -3,12 +3,14 @@
 // devices (CUDA keeps LibTorch's kernels) and, on CPU float / double tensors, a custom autograd function
 // around the kernels of cpu.hpp. The meta step differentiates through a gradient, so every function here is
 // differentiable to any order:
-//   linear ops (bmm, conv3x3, depthwise3x3) write their backward with the same fast ops (the weight gradient
-//   of a convolution is itself a fast, differentiable op whose backward is again made of convolutions);
+//   linear ops (bmm, depthwise3x3) write their backward with the same fast ops (the weight gradient of the
+//   depthwise convolution is itself a fast, differentiable op whose backward is again made of convolutions);
 //   channel_layer_norm and gelu_gate use a fused kernel for an ordinary backward pass and, when the backward
 //   pass itself is recorded (create_graph, as in the meta step's inner step), the differentiable LibTorch
 //   formula of the same gradient.
-// FastKernels(false) switches the fast path off (for comparisons: the tests and benchmarks measure against it).
+// Dense 3x3 convolutions stay with LibTorch, whose oneDNN kernel outran an im2col + Eigen GEMM version here
+// (see README, Performance). FastKernels(false) switches the fast path off (for comparisons: the tests and
+// benchmarks measure against it).
 
 #include "tdfusion/nn/kernels/cpu.hpp"
 
@@ -63,7 +65,6 @@ inline torch::Tensor flipped(const torch::Tensor& w) { return w.flip({2, 3}); }
 }  // namespace detail
 
 inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b);
-inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w);
 inline torch::Tensor depthwise3x3(const torch::Tensor& x, const torch::Tensor& w);
 
 namespace detail {
@@ -83,37 +84,6 @@ struct BmmFunction : torch::autograd::Function<BmmFunction> {
     if (ctx->needs_input_grad(0)) da = ops::bmm(grads[0], b.transpose(-1, -2));
     if (ctx->needs_input_grad(1)) db = ops::bmm(a.transpose(-1, -2), grads[0]);
     return {da, db};
-  }
-};
-
-/// The weight gradient of a 3x3 convolution as a function of (dy, x), differentiable in both.
-struct Conv3x3WeightGradFunction : torch::autograd::Function<Conv3x3WeightGradFunction> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& dy, const torch::Tensor& x) {
-    ctx->save_for_backward({dy, x});
-    return kernels::conv3x3_weight_grad(dy, x);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor& g = grads[0];
-    torch::Tensor ddy, dx;
-    if (ctx->needs_input_grad(0)) ddy = ops::conv3x3(saved[1], g);
-    if (ctx->needs_input_grad(1)) dx = ops::conv3x3(saved[0], flipped(g).transpose(0, 1));
-    return {ddy, dx};
-  }
-};
-
-struct Conv3x3Function : torch::autograd::Function<Conv3x3Function> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
-    ctx->save_for_backward({x, w});
-    return kernels::conv3x3(x, w);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    torch::Tensor dx, dw;
-    // The transposed convolution of stride 1 and padding 1 is the convolution with the flipped, transposed kernel.
-    if (ctx->needs_input_grad(0)) dx = ops::conv3x3(grads[0], flipped(saved[1]).transpose(0, 1));
-    if (ctx->needs_input_grad(1)) dw = Conv3x3WeightGradFunction::apply(grads[0], saved[0]);
-    return {dx, dw};
   }
 };
 
@@ -211,12 +181,6 @@ inline torch::Tensor conv1x1(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
   const torch::Tensor weight = w.reshape({1, 1, out, in}).expand({n, 1, out, in});
   return ops::bmm(weight, x.reshape({n, 1, in, x.size(2) * x.size(3)})).view({n, out, x.size(2), x.size(3)});
-}
-
-/// Dense 3x3 convolution, stride 1, zero padding 1, without bias: w O x I x 3 x 3.
-inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
-  if (!detail::fast({&x, &w})) return torch::conv2d(x, w, /*bias=*/{}, /*stride=*/1, /*padding=*/1);
-  return detail::Conv3x3Function::apply(x, w);
 }
 
 /// Depthwise 3x3 convolution, stride 1, zero padding 1, without bias: w C x 1 x 3 x 3.
