@@ -184,4 +184,28 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
   for (size_t i = 0; i < fast_g.size(); ++i) worst = std::max(worst, relative_error(fast_g[i], plain_g[i]));
   MESSAGE("worst relative gradient difference over ReFusion's parameters: " << worst);
   CHECK(worst < 1e-4);
+
+  // Inference takes the fused block kernels (LayerNorm, 1x1 and depthwise convolutions in one pass).
+  torch::NoGradGuard no_grad;
+  CHECK(ops::inference_fusable({&ir}));
+  const torch::Tensor fused = net->forward(ir, vi);
+  torch::Tensor plain;
+  {
+    const ops::FastKernels off(false);
+    plain = net->forward(ir, vi);
+  }
+  CHECK(relative_error(fused, plain) < 1e-5);
+  // The fused kernels alone, at a size whose row bands split the image (and at one of a single row).
+  for (const int64_t height : {int64_t{1}, int64_t{300}}) {
+    const torch::Tensor x = torch::randn({2, 8, height, 21}), lw = torch::rand({8}), lb = torch::randn({8});
+    const torch::Tensor w_in = torch::randn({32, 8, 1, 1}) * 0.3, w_dw = torch::randn({32, 1, 3, 3}) * 0.3;
+    const torch::Tensor w_out = torch::randn({8, 16, 1, 1}) * 0.3;
+    const torch::Tensor block = ops::feed_forward_block(x, lw, lb, w_in, w_dw, w_out);
+    const torch::Tensor qkv = ops::norm_pointwise_depthwise(x, lw, lb, w_in, w_dw);
+    const ops::FastKernels off(false);
+    const torch::Tensor expanded = ops::depthwise3x3(ops::conv1x1(ops::channel_layer_norm(x, lw, lb), w_in), w_dw);
+    const auto halves = expanded.chunk(2, 1);
+    CHECK(relative_error(qkv, expanded) < 1e-5);
+    CHECK(relative_error(block, x + ops::conv1x1(ops::gelu_gate(halves[0], halves[1]), w_out)) < 1e-5);
+  }
 }

@@ -144,8 +144,13 @@ class AttentionImpl : public torch::nn::Module {
   }
 
   torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
-    const auto qkv = qkv_dwconv_->forward_with(p.sub("qkv_dwconv"), qkv_->forward_with(p.sub("qkv"), x)).chunk(3, 1);
-    const torch::Tensor out = channel_attention(qkv[0], qkv[1], qkv[2], p["temperature"], heads_);
+    return attend(p, qkv_dwconv_->forward_with(p.sub("qkv_dwconv"), qkv_->forward_with(p.sub("qkv"), x)));
+  }
+
+  /// The attention of the stacked q, k, v (N x 3C x H x W) and the output projection.
+  torch::Tensor attend(const ParamView& p, const torch::Tensor& qkv) const {
+    const auto parts = qkv.chunk(3, 1);
+    const torch::Tensor out = channel_attention(parts[0], parts[1], parts[2], p["temperature"], heads_);
     return project_out_->forward_with(p.sub("project_out"), out);
   }
 
@@ -186,6 +191,17 @@ class TransformerBlockImpl : public torch::nn::Module {
   }
 
   torch::Tensor forward_with(const ParamView& p, torch::Tensor x) const {
+    // Inference on CPU: LayerNorm, 1x1 and depthwise convolutions fused into cache-friendly passes over row
+    // bands (the same function): before the attention, and over the whole feed-forward half.
+    const torch::Tensor &qkv_w = p["attn.qkv.weight"], &qkv_dw = p["attn.qkv_dwconv.weight"];
+    const torch::Tensor &in_w = p["ffn.project_in.weight"], &in_dw = p["ffn.dwconv.weight"];
+    const torch::Tensor& out_w = p["ffn.project_out.weight"];
+    const torch::Tensor &ln1_w = p["norm1.body.weight"], &ln1_b = p["norm1.body.bias"];
+    const torch::Tensor &ln2_w = p["norm2.body.weight"], &ln2_b = p["norm2.body.bias"];
+    if (ops::inference_fusable({&x, &qkv_w, &qkv_dw, &in_w, &in_dw, &out_w, &ln1_w, &ln1_b, &ln2_w, &ln2_b})) {
+      x = x + attn_->attend(p.sub("attn"), ops::norm_pointwise_depthwise(x, ln1_w, ln1_b, qkv_w, qkv_dw));
+      return ops::feed_forward_block(x, ln2_w, ln2_b, in_w, in_dw, out_w);
+    }
     x = x + attn_->forward_with(p.sub("attn"), norm1_->forward_with(p.sub("norm1"), x));
     return x + ffn_->forward_with(p.sub("ffn"), norm2_->forward_with(p.sub("norm2"), x));
   }

@@ -10,6 +10,8 @@
 //   depthwise3x3_weight_grad  its weight gradient sum_n,p dy[c, p] x[c, p + k]
 //   channel_layer_norm   per-pixel LayerNorm over channels (biased variance), and its first-order backward
 //   gelu_gate            gelu(a) * b with the exact (erf) GELU, and its first-order backward
+//   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
+//   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over row bands (inference only)
 //
 // Reductions over pixels accumulate per row in the tensor's type and across rows in double.
 
@@ -442,6 +444,158 @@ inline std::vector<torch::Tensor> gelu_gate_backward(const torch::Tensor& dy, co
     });
   });
   return {da, db};
+}
+
+namespace detail {
+
+/// dwconv3x3(W_in LN(x)) on a band of image rows, the common start of the fused block kernels. compute(n, r0,
+/// r1) normalises rows r0 - 1 .. r1 of image n (the halo rows inside the image) and multiplies by W_in into a
+/// cache-sized buffer; depthwise(plane, dst) then writes the convolved rows r0 .. r1 - 1 of one output plane.
+template <class T>
+class NormPointwiseDepthwiseBand {
+ public:
+  NormPointwiseDepthwiseBand(const T* x, int64_t channels, int64_t height, int64_t width, const T* ln_w,
+                             const T* ln_b, const T* w_in, int64_t out_channels, const T* w_dw, double eps)
+      : x_(x), channels_(channels), height_(height), width_(width), ln_w_(ln_w), ln_b_(ln_b),
+        w_in_t_(w_in, channels, out_channels), w_dw_(w_dw), eps_(eps) {}
+
+  /// Rows per band: about 1 MB of buffers for the out_channels-wide rows (larger bands, whose two recomputed halo
+  /// rows cost less, measured slower here: the buffers leave the L2 cache).
+  static int64_t rows(int64_t width, int64_t out_channels) {
+    return std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, width * out_channels));
+  }
+
+  void compute(int64_t n, int64_t r0, int64_t r1) {
+    r0_ = r0, r1_ = r1;
+    a0_ = std::max<int64_t>(0, r0 - 1), a1_ = std::min(height_, r1 + 1);
+    const int64_t pixels = height_ * width_, len = (a1_ - a0_) * width_;
+    const T* src = x_ + n * channels_ * pixels;
+    channel_moments(src, channels_, pixels, a0_ * width_, len, mean_, rstd_, eps_);
+    normed_.resize(len, channels_);
+    for (int64_t c = 0; c < channels_; ++c) {
+      normed_.col(c).array() =
+          (Eigen::Map<const Array<T>>(src + c * pixels + a0_ * width_, len) - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
+    }
+    expanded_.noalias() = normed_ * w_in_t_;  // len x out_channels: row-major W_in is its transpose here
+  }
+
+  void depthwise(int64_t plane, T* dst) const {
+    PaddedRows<T> window(expanded_.col(plane).data(), a1_ - a0_, width_);
+    const T* k = w_dw_ + plane * 9;
+    const T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
+    for (int64_t r = r0_; r < r1_; ++r) {
+      window.load(r - a0_);  // the buffer holds rows r0 - 1 .. r1 wherever they lie inside the image
+      const T *ra = window.row(0), *rb = window.row(1), *rc = window.row(2);
+      T* out = dst + (r - r0_) * width_;
+      _Pragma("omp simd")
+      for (int64_t i = 0; i < width_; ++i) {
+        out[i] = k0 * ra[i] + k1 * ra[i + 1] + k2 * ra[i + 2] + k3 * rb[i] + k4 * rb[i + 1] + k5 * rb[i + 2] +
+                 k6 * rc[i] + k7 * rc[i + 1] + k8 * rc[i + 2];
+      }
+    }
+  }
+
+ private:
+  const T* x_;
+  int64_t channels_, height_, width_;
+  const T *ln_w_, *ln_b_;
+  Eigen::Map<const ColMatrix<T>> w_in_t_;
+  const T* w_dw_;
+  double eps_;
+  int64_t r0_ = 0, r1_ = 0, a0_ = 0, a1_ = 0;
+  ColMatrix<T> normed_, expanded_;
+  Array<T> mean_, rstd_;
+};
+
+inline void check_block_weights(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
+                                const torch::Tensor& w_in, const torch::Tensor& w_dw) {
+  TORCH_CHECK(x.dim() == 4 && ln_w.numel() == x.size(1) && ln_b.numel() == x.size(1) && w_in.dim() == 4 &&
+                  w_in.size(1) == x.size(1) && w_dw.size(0) == w_in.size(0) && w_dw.size(1) == 1,
+              "tdfusion: fused block kernel got input ", x.sizes(), " and weights ", w_in.sizes(), ", ", w_dw.sizes());
+}
+
+}  // namespace detail
+
+/// dwconv3x3(W_in LN(x)): the q, k, v of a Restormer attention, in one pass over row bands (inference only;
+/// the intermediates stay in cache). x: N x C x H x W; ln_w, ln_b: C; w_in: O x C x 1 x 1; w_dw: O x 1 x 3 x 3.
+inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torch::Tensor& ln_w,
+                                              const torch::Tensor& ln_b, const torch::Tensor& w_in,
+                                              const torch::Tensor& w_dw, double eps) {
+  RECORD_FUNCTION("tdfusion::norm_pointwise_depthwise", std::vector<c10::IValue>());
+  detail::check_block_weights(x, ln_w, ln_b, w_in, w_dw);
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3), out = w_in.size(0);
+  multiply_adds() += batch * height * width * out * (channels + 9);
+  const torch::Tensor xc = x.contiguous(), lw = ln_w.contiguous(), lb = ln_b.contiguous();
+  const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous();
+  torch::Tensor y = torch::empty({batch, out, height, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_norm_pointwise_depthwise", [&] {
+    using T = scalar_t;
+    const int64_t rows = detail::NormPointwiseDepthwiseBand<T>::rows(width, out), bands = (height + rows - 1) / rows;
+    at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
+      detail::NormPointwiseDepthwiseBand<T> band(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(),
+                                                 lb.data_ptr<T>(), win.data_ptr<T>(), out, wdw.data_ptr<T>(), eps);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / bands, r0 = (item % bands) * rows;
+        band.compute(n, r0, std::min(height, r0 + rows));
+        for (int64_t o = 0; o < out; ++o) band.depthwise(o, y.data_ptr<T>() + (n * out + o) * height * width + r0 * width);
+      }
+    });
+  });
+  return y;
+}
+
+/// The feed-forward half of a Restormer transformer block, x + W_out (gelu(a) * b) with [a; b] =
+/// dwconv3x3(W_in LN(x)), in one pass over row bands (inference only): the 2H- and H-channel intermediates stay
+/// in cache instead of streaming through memory; each band recomputes the LayerNorm and W_in of its two halo
+/// rows. x: N x C x H x W; ln_w, ln_b: C; w_in: 2H x C x 1 x 1; w_dw: 2H x 1 x 3 x 3; w_out: C x H x 1 x 1.
+inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
+                                        const torch::Tensor& w_in, const torch::Tensor& w_dw,
+                                        const torch::Tensor& w_out, double eps) {
+  RECORD_FUNCTION("tdfusion::feed_forward_block", std::vector<c10::IValue>());
+  detail::check_block_weights(x, ln_w, ln_b, w_in, w_dw);
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t hidden2 = w_in.size(0), hidden = hidden2 / 2;
+  TORCH_CHECK(hidden2 == 2 * hidden && w_out.size(0) == channels && w_out.size(1) == hidden,
+              "tdfusion: feed_forward_block kernel got output weight ", w_out.sizes(), " for ", channels,
+              " channels and ", hidden2, " hidden ones");
+  const int64_t pixels = height * width;
+  multiply_adds() += batch * pixels * (hidden2 * (channels + 9) + channels * hidden);
+  const torch::Tensor xc = x.contiguous(), lw = ln_w.contiguous(), lb = ln_b.contiguous();
+  const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous(), wout = w_out.contiguous();
+  torch::Tensor y = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_feed_forward_block", [&] {
+    using T = scalar_t;
+    using ConstRow = Eigen::Map<const detail::Array<T>>;
+    const int64_t rows = detail::NormPointwiseDepthwiseBand<T>::rows(width, hidden2), bands = (height + rows - 1) / rows;
+    const Eigen::Map<const detail::ColMatrix<T>> out_t(wout.data_ptr<T>(), hidden, channels);
+    at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
+      detail::NormPointwiseDepthwiseBand<T> band(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(),
+                                                 lb.data_ptr<T>(), win.data_ptr<T>(), hidden2, wdw.data_ptr<T>(), eps);
+      detail::ColMatrix<T> gated(rows * width, hidden), projected;
+      detail::Array<T> gate(rows * width);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / bands, r0 = (item % bands) * rows, r1 = std::min(height, r0 + rows);
+        const int64_t len = (r1 - r0) * width;
+        band.compute(n, r0, r1);
+        for (int64_t c = 0; c < hidden; ++c) {
+          band.depthwise(c, gated.col(c).data());
+          band.depthwise(c + hidden, gate.data());
+          Eigen::Map<detail::Array<T>> a(gated.col(c).data(), len);
+          a = detail::gelu(a) * gate.head(len);
+        }
+        projected.noalias() = gated.topRows(len) * out_t;  // len x C
+        const T* src = xc.data_ptr<T>() + n * channels * pixels;
+        T* dst = y.data_ptr<T>() + n * channels * pixels;
+        for (int64_t c = 0; c < channels; ++c) {
+          Eigen::Map<detail::Array<T>>(dst + c * pixels + r0 * width, len) =
+              ConstRow(src + c * pixels + r0 * width, len) + projected.col(c).array();
+        }
+      }
+    });
+  });
+  return y;
 }
 
 }  // namespace tdfusion::nn::kernels

@@ -196,6 +196,36 @@ inline torch::Tensor channel_layer_norm(const torch::Tensor& x, const torch::Ten
   return detail::LayerNormFunction::apply(x, w, b, eps);
 }
 
+/// Whether `tensors` may take the fused inference kernels: the fast CPU path, and no gradient wanted.
+inline bool inference_fusable(std::initializer_list<const torch::Tensor*> tensors) {
+  if (!detail::fast(tensors)) return false;
+  if (!torch::GradMode::is_enabled()) return true;
+  for (const torch::Tensor* t : tensors) {
+    if (t->requires_grad()) return false;
+  }
+  return true;
+}
+
+/// x + W_out (gelu(a) * b), [a; b] = dwconv3x3(W_in LN(x)): the feed-forward half of a Restormer block in one
+/// pass (kernels::feed_forward_block). Only where inference_fusable holds.
+inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
+                                        const torch::Tensor& w_in, const torch::Tensor& w_dw, const torch::Tensor& w_out,
+                                        double eps = 1e-5) {
+  TORCH_CHECK(inference_fusable({&x, &ln_w, &ln_b, &w_in, &w_dw, &w_out}),
+              "tdfusion: feed_forward_block is for inference on CPU float or double tensors");
+  return kernels::feed_forward_block(x, ln_w, ln_b, w_in, w_dw, w_out, eps);
+}
+
+/// dwconv3x3(W_in LN(x)): a Restormer attention's q, k, v in one pass (kernels::norm_pointwise_depthwise). Only
+/// where inference_fusable holds.
+inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torch::Tensor& ln_w,
+                                              const torch::Tensor& ln_b, const torch::Tensor& w_in,
+                                              const torch::Tensor& w_dw, double eps = 1e-5) {
+  TORCH_CHECK(inference_fusable({&x, &ln_w, &ln_b, &w_in, &w_dw}),
+              "tdfusion: norm_pointwise_depthwise is for inference on CPU float or double tensors");
+  return kernels::norm_pointwise_depthwise(x, ln_w, ln_b, w_in, w_dw, eps);
+}
+
 /// gelu(a) * b with the exact (erf) GELU; a and b of one shape N x C x H x W.
 inline torch::Tensor gelu_gate(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.dim() != 4 || a.sizes() != b.sizes() || !detail::fast({&a, &b})) return torch::gelu(a) * b;
