@@ -25,8 +25,8 @@ inline void use_cpu_threads(int threads = 0) {
 /// the price is memory the process holds until it exits. Call once at program start. No effect without glibc.
 inline void reuse_freed_memory() {
 #if defined(__GLIBC__)
-  mallopt(M_MMAP_MAX, 0);              // no mmap-backed allocations: freed blocks return to the heap
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);  // and the heap is not trimmed below 1 GB of free space at its top
+  mallopt(M_MMAP_MAX, 0);         // no mmap-backed allocations: freed blocks return to the heap
+  mallopt(M_TRIM_THRESHOLD, -1);  // and the heap is never trimmed (glibc: -1 disables trimming)
 #endif
 }
 

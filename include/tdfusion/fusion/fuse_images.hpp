@@ -25,13 +25,14 @@ inline torch::Tensor luminance(const torch::Tensor& image) {
 }
 
 /// Fuses a registered pair of images (C x H x W, C = 1 or 3, values in [0,1], any size) with `net` and
-/// returns the fused image on the CPU: 1 x H x W when both sources are grey, else 3 x H x W RGB.
+/// returns the fused image on the CPU: 1 x H x W when both sources are grey, else 3 x H x W RGB. Runs in
+/// c10::InferenceMode, so the result is an inference tensor (fine to write or inspect, not to train on).
 template <class FusionNet>
 torch::Tensor fuse_images(FusionNet& net, const torch::Tensor& ir_image, const torch::Tensor& vi_image,
                           const FuseImagesOptions& options = {}) {
   TORCH_CHECK(ir_image.size(-1) == vi_image.size(-1) && ir_image.size(-2) == vi_image.size(-2),
               "tdfusion: infrared (", ir_image.sizes(), ") and visible (", vi_image.sizes(), ") images differ in size");
-  torch::NoGradGuard no_grad;
+  const c10::InferenceMode inference;  // no autograd bookkeeping at all: the result is for writing out
   const EvalMode eval(*net);
   const auto dtype = net->parameters().front().scalar_type();
   const torch::Tensor ir = luminance(ir_image).unsqueeze(0).to(options.device(), dtype);

@@ -11,7 +11,7 @@
 //   channel_layer_norm   per-pixel LayerNorm over channels (biased variance), and its first-order backward
 //   gelu_gate            gelu(a) * b with the exact (erf) GELU, and its first-order backward
 //   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
-//   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over row bands (inference only)
+//   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over cache-sized tiles (inference only)
 //
 // Reductions over pixels accumulate per row in the tensor's type and across rows in double.
 
@@ -448,47 +448,63 @@ inline std::vector<torch::Tensor> gelu_gate_backward(const torch::Tensor& dy, co
 
 namespace detail {
 
-/// dwconv3x3(W_in LN(x)) on a band of image rows, the common start of the fused block kernels. compute(n, r0,
-/// r1) normalises rows r0 - 1 .. r1 of image n (the halo rows inside the image) and multiplies by W_in into a
-/// cache-sized buffer; depthwise(plane, dst) then writes the convolved rows r0 .. r1 - 1 of one output plane.
+/// dwconv3x3(W_in LN(x)) on a tile of an image, the common start of the fused block kernels. compute(n, tile)
+/// gathers the tile with a one-pixel halo (where the image has one), normalises it and multiplies by W_in, all in
+/// cache-sized buffers; depthwise(plane, dst, stride) then writes the tile's convolved values of one output
+/// plane, row by row, `stride` apart.
 template <class T>
-class NormPointwiseDepthwiseBand {
+class NormPointwiseDepthwiseTile {
  public:
-  NormPointwiseDepthwiseBand(const T* x, int64_t channels, int64_t height, int64_t width, const T* ln_w,
+  struct Tile {
+    int64_t r0, r1, c0, c1;  ///< rows [r0, r1), columns [c0, c1)
+  };
+
+  NormPointwiseDepthwiseTile(const T* x, int64_t channels, int64_t height, int64_t width, const T* ln_w,
                              const T* ln_b, const T* w_in, int64_t out_channels, const T* w_dw, double eps)
       : x_(x), channels_(channels), height_(height), width_(width), ln_w_(ln_w), ln_b_(ln_b),
         w_in_t_(w_in, channels, out_channels), w_dw_(w_dw), eps_(eps) {}
 
-  /// Rows per band: about 1 MB of buffers for the out_channels-wide rows (larger bands, whose two recomputed halo
-  /// rows cost less, measured slower here: the buffers leave the L2 cache).
-  static int64_t rows(int64_t width, int64_t out_channels) {
-    return std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, width * out_channels));
+  /// The tiles of an image: squares of about 2^18 / out_channels pixels, so the out_channels-wide buffer is
+  /// about 1 MB (the L2 cache; larger tiles measured slower here) and the recomputed halo stays small.
+  static std::vector<Tile> tiles(int64_t height, int64_t width, int64_t out_channels) {
+    const auto side = std::max<int64_t>(
+        8, static_cast<int64_t>(std::sqrt(static_cast<double>((1 << 18) / std::max<int64_t>(1, out_channels)))) - 2);
+    std::vector<Tile> all;
+    for (int64_t r = 0; r < height; r += side) {
+      for (int64_t c = 0; c < width; c += side) all.push_back({r, std::min(height, r + side), c, std::min(width, c + side)});
+    }
+    return all;
   }
 
-  void compute(int64_t n, int64_t r0, int64_t r1) {
-    r0_ = r0, r1_ = r1;
-    a0_ = std::max<int64_t>(0, r0 - 1), a1_ = std::min(height_, r1 + 1);
-    const int64_t pixels = height_ * width_, len = (a1_ - a0_) * width_;
+  void compute(int64_t n, const Tile& tile) {
+    tile_ = tile;
+    a0_ = std::max<int64_t>(0, tile.r0 - 1), a1_ = std::min(height_, tile.r1 + 1);
+    b0_ = std::max<int64_t>(0, tile.c0 - 1), b1_ = std::min(width_, tile.c1 + 1);
+    const int64_t cols = b1_ - b0_, len = (a1_ - a0_) * cols, pixels = height_ * width_;
     const T* src = x_ + n * channels_ * pixels;
-    channel_moments(src, channels_, pixels, a0_ * width_, len, mean_, rstd_, eps_);
     normed_.resize(len, channels_);
     for (int64_t c = 0; c < channels_; ++c) {
-      normed_.col(c).array() =
-          (Eigen::Map<const Array<T>>(src + c * pixels + a0_ * width_, len) - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
+      for (int64_t r = a0_; r < a1_; ++r) {
+        std::copy(src + c * pixels + r * width_ + b0_, src + c * pixels + r * width_ + b1_,
+                  normed_.col(c).data() + (r - a0_) * cols);
+      }
     }
+    channel_moments(normed_.data(), channels_, len, 0, len, mean_, rstd_, eps_);
+    for (int64_t c = 0; c < channels_; ++c) normed_.col(c).array() = (normed_.col(c).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
     expanded_.noalias() = normed_ * w_in_t_;  // len x out_channels: row-major W_in is its transpose here
   }
 
-  void depthwise(int64_t plane, T* dst) const {
-    PaddedRows<T> window(expanded_.col(plane).data(), a1_ - a0_, width_);
+  void depthwise(int64_t plane, T* dst, int64_t stride) const {
+    const int64_t cols = b1_ - b0_, first = tile_.c0 - b0_, count = tile_.c1 - tile_.c0;
+    PaddedRows<T> window(expanded_.col(plane).data(), a1_ - a0_, cols);
     const T* k = w_dw_ + plane * 9;
     const T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
-    for (int64_t r = r0_; r < r1_; ++r) {
-      window.load(r - a0_);  // the buffer holds rows r0 - 1 .. r1 wherever they lie inside the image
-      const T *ra = window.row(0), *rb = window.row(1), *rc = window.row(2);
-      T* out = dst + (r - r0_) * width_;
+    for (int64_t r = tile_.r0; r < tile_.r1; ++r) {
+      window.load(r - a0_);  // the buffer holds the halo wherever it lies inside the image; zeros beyond
+      const T *ra = window.row(0) + first, *rb = window.row(1) + first, *rc = window.row(2) + first;
+      T* out = dst + (r - tile_.r0) * stride;
       _Pragma("omp simd")
-      for (int64_t i = 0; i < width_; ++i) {
+      for (int64_t i = 0; i < count; ++i) {
         out[i] = k0 * ra[i] + k1 * ra[i + 1] + k2 * ra[i + 2] + k3 * rb[i] + k4 * rb[i + 1] + k5 * rb[i + 2] +
                  k6 * rc[i] + k7 * rc[i + 1] + k8 * rc[i + 2];
       }
@@ -502,7 +518,8 @@ class NormPointwiseDepthwiseBand {
   Eigen::Map<const ColMatrix<T>> w_in_t_;
   const T* w_dw_;
   double eps_;
-  int64_t r0_ = 0, r1_ = 0, a0_ = 0, a1_ = 0;
+  Tile tile_{0, 0, 0, 0};
+  int64_t a0_ = 0, a1_ = 0, b0_ = 0, b1_ = 0;
   ColMatrix<T> normed_, expanded_;
   Array<T> mean_, rstd_;
 };
@@ -516,8 +533,9 @@ inline void check_block_weights(const torch::Tensor& x, const torch::Tensor& ln_
 
 }  // namespace detail
 
-/// dwconv3x3(W_in LN(x)): the q, k, v of a Restormer attention, in one pass over row bands (inference only;
-/// the intermediates stay in cache). x: N x C x H x W; ln_w, ln_b: C; w_in: O x C x 1 x 1; w_dw: O x 1 x 3 x 3.
+/// dwconv3x3(W_in LN(x)): the q, k, v of a Restormer attention, in one pass over cache-sized tiles (inference
+/// only; the intermediates never leave the cache). x: N x C x H x W; ln_w, ln_b: C; w_in: O x C x 1 x 1;
+/// w_dw: O x 1 x 3 x 3.
 inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torch::Tensor& ln_w,
                                               const torch::Tensor& ln_b, const torch::Tensor& w_in,
                                               const torch::Tensor& w_dw, double eps) {
@@ -531,14 +549,19 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_norm_pointwise_depthwise", [&] {
     using T = scalar_t;
-    const int64_t rows = detail::NormPointwiseDepthwiseBand<T>::rows(width, out), bands = (height + rows - 1) / rows;
-    at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
-      detail::NormPointwiseDepthwiseBand<T> band(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(),
-                                                 lb.data_ptr<T>(), win.data_ptr<T>(), out, wdw.data_ptr<T>(), eps);
+    using Fused = detail::NormPointwiseDepthwiseTile<T>;
+    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, out);
+    const auto count = static_cast<int64_t>(tiles.size());
+    at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
+      Fused fused(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(), lb.data_ptr<T>(), win.data_ptr<T>(),
+                  out, wdw.data_ptr<T>(), eps);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / bands, r0 = (item % bands) * rows;
-        band.compute(n, r0, std::min(height, r0 + rows));
-        for (int64_t o = 0; o < out; ++o) band.depthwise(o, y.data_ptr<T>() + (n * out + o) * height * width + r0 * width);
+        const int64_t n = item / count;
+        const auto& tile = tiles[static_cast<size_t>(item % count)];
+        fused.compute(n, tile);
+        for (int64_t o = 0; o < out; ++o) {
+          fused.depthwise(o, y.data_ptr<T>() + ((n * out + o) * height + tile.r0) * width + tile.c0, width);
+        }
       }
     });
   });
@@ -546,9 +569,10 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
 }
 
 /// The feed-forward half of a Restormer transformer block, x + W_out (gelu(a) * b) with [a; b] =
-/// dwconv3x3(W_in LN(x)), in one pass over row bands (inference only): the 2H- and H-channel intermediates stay
-/// in cache instead of streaming through memory; each band recomputes the LayerNorm and W_in of its two halo
-/// rows. x: N x C x H x W; ln_w, ln_b: C; w_in: 2H x C x 1 x 1; w_dw: 2H x 1 x 3 x 3; w_out: C x H x 1 x 1.
+/// dwconv3x3(W_in LN(x)), in one pass over cache-sized tiles (inference only): the 2H- and H-channel
+/// intermediates stay in cache instead of streaming through memory; each tile recomputes the LayerNorm and W_in
+/// of its one-pixel halo. x: N x C x H x W; ln_w, ln_b: C; w_in: 2H x C x 1 x 1; w_dw: 2H x 1 x 3 x 3;
+/// w_out: C x H x 1 x 1.
 inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                         const torch::Tensor& w_in, const torch::Tensor& w_dw,
                                         const torch::Tensor& w_out, double eps) {
@@ -567,30 +591,37 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_feed_forward_block", [&] {
     using T = scalar_t;
-    using ConstRow = Eigen::Map<const detail::Array<T>>;
-    const int64_t rows = detail::NormPointwiseDepthwiseBand<T>::rows(width, hidden2), bands = (height + rows - 1) / rows;
+    using Fused = detail::NormPointwiseDepthwiseTile<T>;
+    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, hidden2);
+    const auto count = static_cast<int64_t>(tiles.size());
     const Eigen::Map<const detail::ColMatrix<T>> out_t(wout.data_ptr<T>(), hidden, channels);
-    at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
-      detail::NormPointwiseDepthwiseBand<T> band(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(),
-                                                 lb.data_ptr<T>(), win.data_ptr<T>(), hidden2, wdw.data_ptr<T>(), eps);
-      detail::ColMatrix<T> gated(rows * width, hidden), projected;
-      detail::Array<T> gate(rows * width);
+    at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
+      Fused fused(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(), lb.data_ptr<T>(), win.data_ptr<T>(),
+                  hidden2, wdw.data_ptr<T>(), eps);
+      detail::ColMatrix<T> gated, projected;
+      detail::Array<T> gate;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / bands, r0 = (item % bands) * rows, r1 = std::min(height, r0 + rows);
-        const int64_t len = (r1 - r0) * width;
-        band.compute(n, r0, r1);
+        const int64_t n = item / count;
+        const auto& tile = tiles[static_cast<size_t>(item % count)];
+        const int64_t cols = tile.c1 - tile.c0, len = (tile.r1 - tile.r0) * cols;
+        fused.compute(n, tile);
+        gated.resize(len, hidden);
+        gate.resize(len);
         for (int64_t c = 0; c < hidden; ++c) {
-          band.depthwise(c, gated.col(c).data());
-          band.depthwise(c + hidden, gate.data());
-          Eigen::Map<detail::Array<T>> a(gated.col(c).data(), len);
-          a = detail::gelu(a) * gate.head(len);
+          fused.depthwise(c, gated.col(c).data(), cols);
+          fused.depthwise(c + hidden, gate.data(), cols);
+          gated.col(c).array() = detail::gelu(gated.col(c).array()) * gate;
         }
-        projected.noalias() = gated.topRows(len) * out_t;  // len x C
+        projected.noalias() = gated * out_t;  // len x C
         const T* src = xc.data_ptr<T>() + n * channels * pixels;
         T* dst = y.data_ptr<T>() + n * channels * pixels;
         for (int64_t c = 0; c < channels; ++c) {
-          Eigen::Map<detail::Array<T>>(dst + c * pixels + r0 * width, len) =
-              ConstRow(src + c * pixels + r0 * width, len) + projected.col(c).array();
+          for (int64_t r = tile.r0; r < tile.r1; ++r) {
+            const int64_t offset = c * pixels + r * width + tile.c0;
+            Eigen::Map<detail::Array<T>>(dst + offset, cols) =
+                Eigen::Map<const detail::Array<T>>(src + offset, cols) +
+                projected.col(c).segment((r - tile.r0) * cols, cols).array();
+          }
         }
       }
     });

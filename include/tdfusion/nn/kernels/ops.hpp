@@ -8,9 +8,11 @@
 //   channel_layer_norm and gelu_gate use a fused kernel for an ordinary backward pass and, when the backward
 //   pass itself is recorded (create_graph, as in the meta step's inner step), the differentiable LibTorch
 //   formula of the same gradient.
-// Dense 3x3 convolutions stay with LibTorch, whose oneDNN kernel outran an im2col + Eigen GEMM version here
-// (see README, Performance). FastKernels(false) switches the fast path off (for comparisons: the tests and
-// benchmarks measure against it).
+// For inference (no gradient wanted) a transformer block runs two fused kernels instead, LayerNorm + 1x1 +
+// depthwise convolution before the attention and the whole feed-forward half, over cache-sized tiles processed
+// in parallel. Dense 3x3 convolutions stay with LibTorch, whose oneDNN kernel outran an im2col + Eigen GEMM
+// version here (see README, Performance). FastKernels(false) switches the fast path off (for comparisons: the
+// tests and benchmarks measure against it).
 
 #include "tdfusion/nn/kernels/cpu.hpp"
 
