@@ -5,10 +5,11 @@
 // Argument: the image side S (batch 1, S x S). Each op runs forward, or forward and backward ("/train"). Counters:
 // GFLOP/s of the convolution and matrix kernels (2 FLOP per multiply-add they report; the plain runs count the
 // same work), and for the fast runs FastOverPlain, the plain time divided by the fast time (above 1: faster).
+#include "benchmark_main.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <tdfusion/core/autograd.hpp>
-#include <tdfusion/core/runtime.hpp>
 #include <tdfusion/nn/layers.hpp>
 
 #include <functional>
@@ -102,12 +103,6 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  tdfusion::use_cpu_threads();
-  tdfusion::reuse_freed_memory();
-  benchmark::AddCustomContext("torch_threads", std::to_string(torch::get_num_threads()));
   register_all();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
+  return tdfusion::bench::run(argc, argv);
 }

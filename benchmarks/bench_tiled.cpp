@@ -5,13 +5,12 @@
 // Arguments: image height, width, tile side (0: untiled). Tiled ReFusion runs about 8 / 2 + 1 = 5 forward
 // passes (one statistics pass per attention call, each stopped at that call, plus the output pass), each over
 // the tiles' 16-pixel halos too; its memory is that of one tile. Counter: megapixels per second.
+#include "benchmark_main.hpp"
+
 #include <benchmark/benchmark.h>
 
-#include <tdfusion/core/runtime.hpp>
 #include <tdfusion/fusion/refusion.hpp>
 #include <tdfusion/fusion/tiled_fusion.hpp>
-
-#include <thread>
 
 namespace {
 
@@ -50,11 +49,5 @@ BENCHMARK(BM_ReFusion)
     ->UseRealTime();
 
 int main(int argc, char** argv) {
-  tdfusion::use_cpu_threads();
-  tdfusion::reuse_freed_memory();
-  benchmark::AddCustomContext("torch_threads", std::to_string(torch::get_num_threads()));
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
+  return tdfusion::bench::run(argc, argv);
 }

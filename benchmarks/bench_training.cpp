@@ -3,18 +3,23 @@
 //   build/benchmarks/bench_training --benchmark_counters_tabular=true
 //
 // Steps run on an S x S crop batch of one pair plus its modality swap (batch 2, as in the release), with the
-// task input (SmallSegNet) at the same size; fusion runs on one S x S pair. Counters: GFLOP/s of the fast
+// task input (SmallSegNet) at the same size; fusion runs on one S x S pair. Argument `fast`: 1 with the fast CPU
+// kernels, 0 with the plain LibTorch ops (nn::ops::FastKernels(false)). Counters: GFLOP/s of the fast
 // convolution and matrix kernels (their multiply-adds, 2 FLOP each, per second of the whole step: elementwise
-// work and LibTorch's own ops count as time only), megapixels per second and milliseconds per megapixel
-// (fusion; constant when the cost is linear in the pixel count), and for the meta step its time relative to
-// a plain phase-B step measured in the same process (MetaOverPlain).
+// work and LibTorch's own ops count as time only), FastOverPlain (the plain run's time over the fast run's),
+// megapixels per second and milliseconds per megapixel (fusion; constant when the cost is linear in the pixel
+// count), and for the meta step its time relative to a phase-B step of the same kind (MetaOverPlain).
+#include "benchmark_main.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <tdfusion/tdfusion.hpp>
 
 #include <chrono>
 #include <map>
-#include <thread>
+#include <string>
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -35,16 +40,19 @@ auto make_trainer() {
       Fusion(), lossgen::Lpn(), task::SmallSegNet(task::SmallSegNetOptions().num_classes(data::kSceneClasses)));
 }
 
-/// Plain-step seconds per (network, size), so the meta benchmark can report its ratio to the plain step.
-std::map<std::pair<std::string, int64_t>, double>& plain_step_seconds() {
-  static std::map<std::pair<std::string, int64_t>, double> seconds;
+/// Seconds per iteration by (benchmark, network, size, fast kernels): for the ratios between runs.
+std::map<std::tuple<std::string, std::string, int64_t, bool>, double>& seconds_of() {
+  static std::map<std::tuple<std::string, std::string, int64_t, bool>, double> seconds;
   return seconds;
 }
 
-/// Times `step` over the benchmark's iterations (after one warm-up call); sets GFLOP/s from the multiply-adds
-/// the fast kernels did meanwhile and returns seconds per iteration.
+/// Times `step` over the benchmark's iterations (after one warm-up call) with the fast kernels on or off
+/// (argument 1); sets GFLOP/s from the multiply-adds the fast kernels did meanwhile, and for a fast run
+/// FastOverPlain, the plain run's time divided by this one's. Returns seconds per iteration.
 template <class Step>
-double timed(benchmark::State& state, const Step& step) {
+double timed(benchmark::State& state, const std::string& kind, const std::string& net, const Step& step) {
+  const bool fast = state.range(1) != 0;
+  const nn::ops::FastKernels mode(fast);
   step();
   double seconds = 0.0;
   const int64_t before = nn::kernels::multiply_adds().load();
@@ -53,80 +61,77 @@ double timed(benchmark::State& state, const Step& step) {
     step();
     seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
-  const double multiply_adds = static_cast<double>(nn::kernels::multiply_adds().load() - before);
-  state.counters["GFLOP/s"] = 2.0 * multiply_adds / seconds / 1e9;
-  return seconds / static_cast<double>(state.iterations());
+  seconds /= static_cast<double>(state.iterations());
+  if (fast) {
+    const double multiply_adds = static_cast<double>(nn::kernels::multiply_adds().load() - before);
+    state.counters["GFLOP/s"] = 2.0 * multiply_adds / static_cast<double>(state.iterations()) / seconds / 1e9;
+    const auto plain = seconds_of().find({kind, net, state.range(0), false});
+    if (plain != seconds_of().end()) state.counters["FastOverPlain"] = plain->second / seconds;
+  }
+  seconds_of()[{kind, net, state.range(0), fast}] = seconds;
+  return seconds;
 }
 
 template <class Fusion>
 void BM_PlainStep(benchmark::State& state, const std::string& name) {
   auto trainer = make_trainer<Fusion>();
   const Batch batch = batch_of(state.range(0));
-  plain_step_seconds()[{name, state.range(0)}] = timed(state, [&] { benchmark::DoNotOptimize(trainer.train_step(batch)); });
+  timed(state, "step", name, [&] { benchmark::DoNotOptimize(trainer.train_step(batch)); });
 }
 
 template <class Fusion>
 void BM_MetaStep(benchmark::State& state, const std::string& name) {
   auto trainer = make_trainer<Fusion>();
   const Batch train = batch_of(state.range(0)), test = batch_of(state.range(0));
-  const double seconds = timed(state, [&] { benchmark::DoNotOptimize(trainer.meta_step(train, test)); });
-  const auto plain = plain_step_seconds().find({name, state.range(0)});
-  if (plain != plain_step_seconds().end()) state.counters["MetaOverPlain"] = seconds / plain->second;
+  const double seconds = timed(state, "meta", name, [&] { benchmark::DoNotOptimize(trainer.meta_step(train, test)); });
+  const auto plain = seconds_of().find({"step", name, state.range(0), state.range(1) != 0});
+  if (plain != seconds_of().end()) state.counters["MetaOverPlain"] = seconds / plain->second;
 }
 
 template <class Fusion>
-void BM_Fuse(benchmark::State& state) {
+void BM_Fuse(benchmark::State& state, const std::string& name) {
   auto trainer = make_trainer<Fusion>();
   const int64_t side = state.range(0);
   torch::manual_seed(0);
   const torch::Tensor ir = torch::rand({1, 1, side, side}), vi = torch::rand({1, 1, side, side});
-  const double seconds = timed(state, [&] { benchmark::DoNotOptimize(trainer.fuse(ir, vi)); });
+  const double seconds = timed(state, "fuse", name, [&] { benchmark::DoNotOptimize(trainer.fuse(ir, vi)); });
   const double megapixels = static_cast<double>(side * side) / 1e6;
   state.counters["MPixel/s"] = megapixels / seconds;
   state.counters["ms/MPixel"] = seconds * 1e3 / megapixels;
 }
 
-void step_sizes(benchmark::internal::Benchmark* b) {
-  for (int64_t s : {128, 256, 512}) b->Arg(s);
+/// Registers `fn` at (size, fast) pairs: the plain LibTorch ops at `plain` sizes first, then the fast kernels.
+void add(const char* name, void (*fn)(benchmark::State&), const std::vector<int64_t>& plain,
+         const std::vector<int64_t>& fast) {
+  benchmark::internal::Benchmark* b = benchmark::RegisterBenchmark(name, fn)->ArgNames({"S", "fast"});
+  for (int64_t s : plain) b->Args({s, 0});
+  for (int64_t s : fast) b->Args({s, 1});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
-
-// The meta step keeps the graph of a gradient: at 512 x 512 (two crops) ReFusion's exceeds 24 GB.
-void meta_sizes(benchmark::internal::Benchmark* b) {
-  for (int64_t s : {128, 256}) b->Arg(s);
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
-}
-
-// Largest first: the process's heap grows once to the largest image's needs and smaller ones reuse it, instead of
-// each new maximum paying first-touch page faults inside its timed run.
-void fusion_sizes(benchmark::internal::Benchmark* b) {
-  for (int64_t s : {2048, 1024, 512, 256, 128}) b->Arg(s);
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
-}
-
-}  // namespace
 
 void BM_PlainStep_ReFusion(benchmark::State& state) { BM_PlainStep<fusion::ReFusion>(state, "ReFusion"); }
 void BM_PlainStep_LightFusion(benchmark::State& state) { BM_PlainStep<fusion::LightFusion>(state, "LightFusion"); }
 void BM_MetaStep_ReFusion(benchmark::State& state) { BM_MetaStep<fusion::ReFusion>(state, "ReFusion"); }
 void BM_MetaStep_LightFusion(benchmark::State& state) { BM_MetaStep<fusion::LightFusion>(state, "LightFusion"); }
-void BM_Fuse_ReFusion(benchmark::State& state) { BM_Fuse<fusion::ReFusion>(state); }
-void BM_Fuse_LightFusion(benchmark::State& state) { BM_Fuse<fusion::LightFusion>(state); }
+void BM_Fuse_ReFusion(benchmark::State& state) { BM_Fuse<fusion::ReFusion>(state, "ReFusion"); }
+void BM_Fuse_LightFusion(benchmark::State& state) { BM_Fuse<fusion::LightFusion>(state, "LightFusion"); }
 
-// Plain steps are registered first so that the meta-step ratios find them.
-BENCHMARK(BM_PlainStep_ReFusion)->Apply(step_sizes);
-BENCHMARK(BM_PlainStep_LightFusion)->Apply(step_sizes);
-BENCHMARK(BM_MetaStep_ReFusion)->Apply(meta_sizes);
-BENCHMARK(BM_MetaStep_LightFusion)->Apply(step_sizes);
-BENCHMARK(BM_Fuse_ReFusion)->Apply(fusion_sizes);
-BENCHMARK(BM_Fuse_LightFusion)->Apply(fusion_sizes);
+// Plain steps come first, so that the meta-step ratios find them. The meta step keeps the graph of a
+// gradient: at 512 x 512 (two crops) ReFusion's exceeds the 24 GB of the machines here. Fusion runs largest
+// first: the process's heap grows once to the largest image's needs and smaller images reuse it, instead of
+// each new maximum paying first-touch page faults inside its timed run.
+void register_all() {
+  add("BM_PlainStep_ReFusion", BM_PlainStep_ReFusion, {128, 256}, {128, 256, 512});
+  add("BM_PlainStep_LightFusion", BM_PlainStep_LightFusion, {128}, {128, 256, 512});
+  add("BM_MetaStep_ReFusion", BM_MetaStep_ReFusion, {128}, {128, 256});
+  add("BM_MetaStep_LightFusion", BM_MetaStep_LightFusion, {128}, {128, 256, 512});
+  add("BM_Fuse_ReFusion", BM_Fuse_ReFusion, {512, 256}, {2048, 1024, 512, 256, 128});
+  add("BM_Fuse_LightFusion", BM_Fuse_LightFusion, {512}, {2048, 1024, 512, 256, 128});
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  tdfusion::use_cpu_threads();
-  tdfusion::reuse_freed_memory();
-  benchmark::AddCustomContext("torch_threads", std::to_string(torch::get_num_threads()));
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
+  register_all();
+  return tdfusion::bench::run(argc, argv);
 }
