@@ -3,7 +3,7 @@
 //   build/benchmarks/bench_training --benchmark_counters_tabular=true
 //
 // Steps run on an S x S crop batch of one pair plus its modality swap (batch 2, as in the release), with the
-// task input (SmallSegNet) at the same size; fusion runs on one S x S pair. Argument `fast`: 1 with the fast CPU
+// task input (SmallSegNet) at the same size; fusion runs on one S x S pair (BM_Fuse640x480: 480 x 640). Argument `fast`: 1 with the fast CPU
 // kernels, 0 with the plain LibTorch ops (nn::ops::FastKernels(false)). Counters: GFLOP/s of the fast
 // convolution and matrix kernels (their multiply-adds, 2 FLOP each, per second of the whole step: elementwise
 // work and LibTorch's own ops count as time only), FastOverPlain (the plain run's time over the fast run's),
@@ -89,15 +89,19 @@ void BM_MetaStep(benchmark::State& state, const std::string& name) {
 }
 
 template <class Fusion>
-void BM_Fuse(benchmark::State& state, const std::string& name) {
+void fuse(benchmark::State& state, const std::string& kind, const std::string& name, int64_t height, int64_t width) {
   auto trainer = make_trainer<Fusion>();
-  const int64_t side = state.range(0);
   torch::manual_seed(0);
-  const torch::Tensor ir = torch::rand({1, 1, side, side}), vi = torch::rand({1, 1, side, side});
-  const double seconds = timed(state, "fuse", name, [&] { benchmark::DoNotOptimize(trainer.fuse(ir, vi)); });
-  const double megapixels = static_cast<double>(side * side) / 1e6;
+  const torch::Tensor ir = torch::rand({1, 1, height, width}), vi = torch::rand({1, 1, height, width});
+  const double seconds = timed(state, kind, name, [&] { benchmark::DoNotOptimize(trainer.fuse(ir, vi)); });
+  const double megapixels = static_cast<double>(height * width) / 1e6;
   state.counters["MPixel/s"] = megapixels / seconds;
   state.counters["ms/MPixel"] = seconds * 1e3 / megapixels;
+}
+
+template <class Fusion>
+void BM_Fuse(benchmark::State& state, const std::string& name) {
+  fuse<Fusion>(state, "fuse", name, state.range(0), state.range(0));
 }
 
 /// Registers `fn` at (size, fast) pairs: the plain LibTorch ops at `plain` sizes first, then the fast kernels.
@@ -115,6 +119,10 @@ void BM_MetaStep_ReFusion(benchmark::State& state) { BM_MetaStep<fusion::ReFusio
 void BM_MetaStep_LightFusion(benchmark::State& state) { BM_MetaStep<fusion::LightFusion>(state, "LightFusion"); }
 void BM_Fuse_ReFusion(benchmark::State& state) { BM_Fuse<fusion::ReFusion>(state, "ReFusion"); }
 void BM_Fuse_LightFusion(benchmark::State& state) { BM_Fuse<fusion::LightFusion>(state, "LightFusion"); }
+// The size of an MSRS image, 480 rows of 640 (the argument S is the width).
+void BM_Fuse640x480_ReFusion(benchmark::State& state) {
+  fuse<fusion::ReFusion>(state, "fuse640x480", "ReFusion", 480, state.range(0));
+}
 
 // Plain steps come first, so that the meta-step ratios find them. The meta step keeps the graph of a
 // gradient: at 512 x 512 (two crops) ReFusion's exceeds the 24 GB of the machines here. Fusion runs largest
@@ -127,6 +135,7 @@ void register_all() {
   add("BM_MetaStep_LightFusion", BM_MetaStep_LightFusion, {128}, {128, 256, 512});
   add("BM_Fuse_ReFusion", BM_Fuse_ReFusion, {512, 256}, {2048, 1024, 512, 256, 128});
   add("BM_Fuse_LightFusion", BM_Fuse_LightFusion, {512}, {2048, 1024, 512, 256, 128});
+  add("BM_Fuse640x480_ReFusion", BM_Fuse640x480_ReFusion, {640}, {640});
 }
 
 }  // namespace

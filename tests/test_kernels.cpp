@@ -195,17 +195,28 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
     plain = net->forward(ir, vi);
   }
   CHECK(relative_error(fused, plain) < 1e-5);
-  // The fused kernels alone, at a size whose row bands split the image (and at one of a single row).
+  // The fused kernels alone, at a size whose row bands split the image (and at one of a single row), with
+  // and without the LayerNorm.
   for (const int64_t height : {int64_t{1}, int64_t{300}}) {
-    const torch::Tensor x = torch::randn({2, 8, height, 21}), lw = torch::rand({8}), lb = torch::randn({8});
-    const torch::Tensor w_in = torch::randn({32, 8, 1, 1}) * 0.3, w_dw = torch::randn({32, 1, 3, 3}) * 0.3;
-    const torch::Tensor w_out = torch::randn({8, 16, 1, 1}) * 0.3;
-    const torch::Tensor block = ops::feed_forward_block(x, lw, lb, w_in, w_dw, w_out);
-    const torch::Tensor qkv = ops::norm_pointwise_depthwise(x, lw, lb, w_in, w_dw);
-    const ops::FastKernels off(false);
-    const torch::Tensor expanded = ops::depthwise3x3(ops::conv1x1(ops::channel_layer_norm(x, lw, lb), w_in), w_dw);
-    const auto halves = expanded.chunk(2, 1);
-    CHECK(relative_error(qkv, expanded) < 1e-5);
-    CHECK(relative_error(block, x + ops::conv1x1(ops::gelu_gate(halves[0], halves[1]), w_out)) < 1e-5);
+    for (const bool norm : {true, false}) {
+      CAPTURE(height);
+      CAPTURE(norm);
+      const torch::Tensor x = torch::randn({2, 8, height, 21});
+      const torch::Tensor lw = norm ? torch::rand({8}) : torch::Tensor(), lb = norm ? torch::randn({8}) : torch::Tensor();
+      const torch::Tensor w_in = torch::randn({32, 8, 1, 1}) * 0.3, w_dw = torch::randn({32, 1, 3, 3}) * 0.3;
+      const torch::Tensor w_out = torch::randn({8, 16, 1, 1}) * 0.3;
+      const torch::Tensor block = ops::feed_forward_block(x, lw, lb, w_in, w_dw, w_out);
+      const torch::Tensor qkv = ops::norm_pointwise_depthwise(x, lw, lb, w_in, w_dw);
+      const ops::FastKernels off(false);
+      const torch::Tensor normed = norm ? ops::channel_layer_norm(x, lw, lb) : x;
+      const torch::Tensor expanded = ops::depthwise3x3(ops::conv1x1(normed, w_in), w_dw);
+      const auto halves = expanded.chunk(2, 1);
+      CHECK(relative_error(qkv, expanded) < 1e-5);
+      CHECK(relative_error(block, x + ops::conv1x1(ops::gelu_gate(halves[0], halves[1]), w_out)) < 1e-5);
+    }
   }
+  CHECK_THROWS_WITH_AS(ops::feed_forward_block(torch::randn({1, 8, 4, 4}), torch::rand({8}), torch::Tensor(),
+                                               torch::randn({32, 8, 1, 1}), torch::randn({32, 1, 3, 3}),
+                                               torch::randn({8, 16, 1, 1})),
+                       doctest::Contains("both LayerNorm weights or neither"), c10::Error);
 }

@@ -60,10 +60,10 @@ torch::Tensor naive_tiled(Net& net, const torch::Tensor& ir, const torch::Tensor
 /// A hook that replaces attention by zeros, to see whether channel_attention consults it.
 struct ZeroAttention : tdfusion::nn::AttentionTiling {
   int calls = 0;
-  torch::Tensor attend(const torch::Tensor&, const torch::Tensor&, const torch::Tensor& v, const torch::Tensor&,
-                       int64_t) override {
+  torch::Tensor matrix(const torch::Tensor& q, const torch::Tensor&, const torch::Tensor&, int64_t heads) override {
     ++calls;
-    return torch::zeros_like(v);
+    const int64_t d = q.size(1) / heads;
+    return torch::zeros({q.size(0), heads, d, d}, q.options());
   }
 };
 

@@ -15,8 +15,8 @@ class AfmImpl : public torch::nn::Module {
     qkv1_dwconv_ = reg("qkv1_dwconv", nn::dwconv3x3(3 * dim));
     qkv2_ = reg("qkv2", nn::conv1x1(dim, 3 * dim));
     qkv2_dwconv_ = reg("qkv2_dwconv", nn::dwconv3x3(3 * dim));
-    project_mid1_ = reg("project_mid1", nn::conv1x1(dim, dim));
-    project_mid2_ = reg("project_mid2", nn::conv1x1(dim, dim));
+    reg("project_mid1", nn::conv1x1(dim, dim));  // weights only: folded into channel_attention
+    reg("project_mid2", nn::conv1x1(dim, dim));
     project_E_ = reg("project_E", nn::conv1x1(2 * dim, 8 * dim));
     project_E_d_ = reg("project_E_d", nn::dwconv3x3(8 * dim));
     project_E1_ = reg("project_E1", nn::conv1x1(dim, 4 * dim));
@@ -32,14 +32,19 @@ class AfmImpl : public torch::nn::Module {
     auto conv = [&p](const nn::Conv& layer, const char* name, const torch::Tensor& x) {
       return layer->forward_with(p.sub(name), x);
     };
-    const auto qkv1 = conv(qkv1_dwconv_, "qkv1_dwconv", conv(qkv1_, "qkv1", x1)).chunk(3, 1);
-    const auto qkv2 = conv(qkv2_dwconv_, "qkv2_dwconv", conv(qkv2_, "qkv2", x2)).chunk(3, 1);
+    const bool fused = fusable(p, x1, x2);
+    const torch::Tensor none;  // no LayerNorm before the fused kernels here
+    auto qkv = [&](const nn::Conv& pointwise, const nn::Conv& depthwise, const std::string& name, const torch::Tensor& x) {
+      if (fused) return nn::ops::norm_pointwise_depthwise(x, none, none, p[name + ".weight"], p[name + "_dwconv.weight"]);
+      return conv(depthwise, (name + "_dwconv").c_str(), conv(pointwise, name.c_str(), x));
+    };
+    const auto qkv1 = qkv(qkv1_, qkv1_dwconv_, "qkv1", x1).chunk(3, 1);
+    const auto qkv2 = qkv(qkv2_, qkv2_dwconv_, "qkv2", x2).chunk(3, 1);
     // Cross attention: modality 1's values are gathered with modality 2's queries and vice versa.
-    const torch::Tensor o1 = nn::channel_attention(qkv2[0], qkv1[1], qkv1[2], p["temperature1"], heads_);
-    const torch::Tensor o2 = nn::channel_attention(qkv1[0], qkv2[1], qkv2[2], p["temperature2"], heads_);
-    x1 = x1 + conv(project_mid1_, "project_mid1", o1);
-    x2 = x2 + conv(project_mid2_, "project_mid2", o2);
+    x1 = x1 + nn::channel_attention(qkv2[0], qkv1[1], qkv1[2], p["temperature1"], heads_, p["project_mid1.weight"]);
+    x2 = x2 + nn::channel_attention(qkv1[0], qkv2[1], qkv2[2], p["temperature2"], heads_, p["project_mid2.weight"]);
     const torch::Tensor out = torch::cat({x1, x2}, 1);
+    if (fused) return gate_block(p, out);
 
     const auto gates = conv(project_E_d_, "project_E_d", conv(project_E_, "project_E", out)).chunk(2, 1);
     const torch::Tensor y1 =
@@ -50,11 +55,36 @@ class AfmImpl : public torch::nn::Module {
   }
 
  private:
+  /// Inference on CPU (ops::inference_fusable), where the fused block kernels compute the same function.
+  static bool fusable(const ParamView& p, const torch::Tensor& x1, const torch::Tensor& x2) {
+    return nn::ops::inference_fusable(
+        {&x1, &x2, &p["qkv1.weight"], &p["qkv1_dwconv.weight"], &p["qkv2.weight"], &p["qkv2_dwconv.weight"],
+         &p["project_E.weight"], &p["project_E_d.weight"], &p["project_E1.weight"], &p["project_E1_d.weight"],
+         &p["project_E2.weight"], &p["project_E2_d.weight"], &p["project_out1.weight"], &p["project_out2.weight"]});
+  }
+
+  /// The gated half as one feed-forward block over out = [x1; x2] (kernels::feed_forward_block without
+  /// LayerNorm): a = W_E out, b = [W_E1 x1; W_E2 x2] = W_b out with a block-diagonal W_b, each through its
+  /// depthwise convolution, and out + [W_out1, W_out2] (gelu(a) * b). The intermediates (up to 16 dim channels)
+  /// stay in cache; W_b's zero blocks cost 8 dim^2 multiply-adds per pixel (3% of ReFusion's).
+  static torch::Tensor gate_block(const ParamView& p, const torch::Tensor& out) {
+    const torch::Tensor &e1 = p["project_E1.weight"], &e2 = p["project_E2.weight"];
+    const int64_t dim = e1.size(1), hidden = e1.size(0);
+    torch::Tensor w_b = torch::zeros({2 * hidden, 2 * dim, 1, 1}, e1.options());
+    w_b.slice(0, 0, hidden).slice(1, 0, dim).copy_(e1);
+    w_b.slice(0, hidden).slice(1, dim).copy_(e2);
+    const torch::Tensor none;
+    return nn::ops::feed_forward_block(
+        out, none, none, torch::cat({p["project_E.weight"], w_b}, 0),
+        torch::cat({p["project_E_d.weight"], p["project_E1_d.weight"], p["project_E2_d.weight"]}, 0),
+        torch::cat({p["project_out1.weight"], p["project_out2.weight"]}, 1));
+  }
+
   nn::Conv reg(const char* name, nn::Conv layer) { return register_module(name, layer); }
 
   int64_t heads_;
   nn::Conv qkv1_{nullptr}, qkv1_dwconv_{nullptr}, qkv2_{nullptr}, qkv2_dwconv_{nullptr};
-  nn::Conv project_mid1_{nullptr}, project_mid2_{nullptr}, project_E_{nullptr}, project_E_d_{nullptr};
+  nn::Conv project_E_{nullptr}, project_E_d_{nullptr};
   nn::Conv project_E1_{nullptr}, project_E1_d_{nullptr}, project_E2_{nullptr}, project_E2_d_{nullptr};
   nn::Conv project_out1_{nullptr}, project_out2_{nullptr};
 };

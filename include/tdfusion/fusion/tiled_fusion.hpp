@@ -63,8 +63,8 @@ class TiledAttention : public nn::AttentionTiling {
     calls_ = 0;
   }
 
-  torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                       const torch::Tensor& temperature, int64_t heads) override {
+  torch::Tensor matrix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& temperature,
+                       int64_t heads) override {
     const int64_t n = q.size(0), c = q.size(1);
     TORCH_CHECK(q.size(2) == height_ && q.size(3) == width_,
                 "tdfusion: fuse_tiled needs channel attention at the input resolution; a ", height_, " x ",
@@ -74,7 +74,7 @@ class TiledAttention : public nn::AttentionTiling {
       const torch::Tensor& attn = matrices_[index];
       TORCH_CHECK(attn.size(0) == n && attn.size(1) == heads && attn.size(2) == c / heads,
                   "tdfusion: fuse_tiled: attention call ", index, " changed shape between tiles");
-      return nn::ops::bmm(attn, v.reshape({n, heads, c / heads, height_ * width_})).reshape(v.sizes());
+      return attn;
     }
     accumulate(q, k, temperature, heads);
     throw AttentionPassDone{};

@@ -80,10 +80,10 @@ class AttentionTiling {
  public:
   virtual ~AttentionTiling() = default;
 
-  /// Called by channel_attention instead of its own computation, with the same arguments (heads already
-  /// validated); returns what channel_attention returns.
-  virtual torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& temperature, int64_t heads) = 0;
+  /// Called by channel_attention instead of computing the attention matrix (N x heads x d x d, d = C / heads)
+  /// from q and k itself, with the same arguments (heads already validated).
+  virtual torch::Tensor matrix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& temperature,
+                               int64_t heads) = 0;
 
   /// The hook installed on this thread, or nullptr.
   static AttentionTiling* active() { return slot(); }
@@ -116,21 +116,39 @@ inline torch::Tensor attention_matrix(const torch::Tensor& gram, const torch::Te
   return torch::softmax(gram / scale * temperature, -1);
 }
 
+/// The per-head attention matrices attn (N x heads x d x d) applied to v (N x C x H x W, C = heads d), followed
+/// by the 1x1 projection W (C x C x 1 x 1) when one is given: W blockdiag(attn) v computed as the C x C matrix
+/// (W blockdiag(attn)) times v, one pass over the pixels instead of two.
+inline torch::Tensor attend_values(const torch::Tensor& attn, const torch::Tensor& v, const torch::Tensor& projection) {
+  const int64_t n = v.size(0), c = v.size(1), heads = attn.size(1), d = attn.size(2), pixels = v.size(2) * v.size(3);
+  if (!projection.defined()) return ops::bmm(attn, v.reshape({n, heads, d, pixels})).reshape(v.sizes());
+  TORCH_CHECK(projection.dim() == 4 && projection.size(0) == c && projection.size(1) == c,
+              "tdfusion: attention projection must be ", c, " x ", c, " x 1 x 1, got ", projection.sizes());
+  // Column block h of W (C x d) times attn_h: heads x C x d -> N x heads x C x d -> N x C x (heads d).
+  const torch::Tensor blocks = projection.reshape({c, heads, d}).permute({1, 0, 2});
+  const torch::Tensor mixed = torch::matmul(blocks.unsqueeze(0), attn).permute({0, 2, 1, 3}).reshape({n, 1, c, c});
+  return ops::bmm(mixed, v.reshape({n, 1, c, pixels})).reshape(v.sizes());
+}
+
 /// Transposed ("channel") attention of Restormer: q and k are L2-normalised along the pixels and the
 /// attention matrix is (C/heads) x (C/heads), so the cost grows linearly with the pixel count. The long
 /// normalised q and k are never formed: the small Gram matrix is normalised instead (attention_matrix).
-/// q, k, v: N x C x H x W; temperature: heads x 1 x 1. Returns N x C x H x W.
+/// q, k, v: N x C x H x W; temperature: heads x 1 x 1; projection: the following bias-free 1x1 convolution's
+/// weight (C x C x 1 x 1), folded into the attention (attend_values), or undefined. Returns N x C x H x W.
 inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                       const torch::Tensor& temperature, int64_t heads) {
+                                       const torch::Tensor& temperature, int64_t heads,
+                                       const torch::Tensor& projection = {}) {
   const int64_t n = q.size(0), c = q.size(1), h = q.size(2), w = q.size(3);
   TORCH_CHECK(c % heads == 0, "tdfusion: ", c, " channels cannot be split into ", heads, " heads");
-  if (AttentionTiling* hook = AttentionTiling::active()) return hook->attend(q, k, v, temperature, heads);
-  const torch::Tensor qh = q.reshape({n, heads, c / heads, h * w});
-  const torch::Tensor kh = k.reshape({n, heads, c / heads, h * w});
-  const torch::Tensor vh = v.reshape({n, heads, c / heads, h * w});
-  const torch::Tensor attn =
-      attention_matrix(ops::bmm(qh, kh.transpose(-2, -1)), qh.norm(2, {-1}), kh.norm(2, {-1}), temperature);
-  return ops::bmm(attn, vh).reshape({n, c, h, w});
+  torch::Tensor attn;
+  if (AttentionTiling* hook = AttentionTiling::active()) {
+    attn = hook->matrix(q, k, temperature, heads);
+  } else {
+    const torch::Tensor qh = q.reshape({n, heads, c / heads, h * w});
+    const torch::Tensor kh = k.reshape({n, heads, c / heads, h * w});
+    attn = attention_matrix(ops::bmm(qh, kh.transpose(-2, -1)), qh.norm(2, {-1}), kh.norm(2, {-1}), temperature);
+  }
+  return attend_values(attn, v, projection);
 }
 
 /// Multi-Dconv head transposed attention (MDTA).
@@ -140,23 +158,22 @@ class AttentionImpl : public torch::nn::Module {
     register_parameter("temperature", torch::ones({heads, 1, 1}));
     qkv_ = register_module("qkv", conv1x1(dim, 3 * dim));
     qkv_dwconv_ = register_module("qkv_dwconv", dwconv3x3(3 * dim));
-    project_out_ = register_module("project_out", conv1x1(dim, dim));
+    register_module("project_out", conv1x1(dim, dim));  // its weight is folded into channel_attention
   }
 
   torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
     return attend(p, qkv_dwconv_->forward_with(p.sub("qkv_dwconv"), qkv_->forward_with(p.sub("qkv"), x)));
   }
 
-  /// The attention of the stacked q, k, v (N x 3C x H x W) and the output projection.
+  /// The attention of the stacked q, k, v (N x 3C x H x W) and the output projection (folded into it).
   torch::Tensor attend(const ParamView& p, const torch::Tensor& qkv) const {
     const auto parts = qkv.chunk(3, 1);
-    const torch::Tensor out = channel_attention(parts[0], parts[1], parts[2], p["temperature"], heads_);
-    return project_out_->forward_with(p.sub("project_out"), out);
+    return channel_attention(parts[0], parts[1], parts[2], p["temperature"], heads_, p["project_out.weight"]);
   }
 
  private:
   int64_t heads_;
-  Conv qkv_{nullptr}, qkv_dwconv_{nullptr}, project_out_{nullptr};
+  Conv qkv_{nullptr}, qkv_dwconv_{nullptr};
 };
 TORCH_MODULE(Attention);
 

@@ -12,6 +12,7 @@
 //   gelu_gate            gelu(a) * b with the exact (erf) GELU, and its first-order backward
 //   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
 //   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over cache-sized tiles (inference only)
+//                        (both also without the LayerNorm, as in ReFusion's fusion module)
 //
 // Reductions over pixels accumulate per row in the tensor's type and across rows in double.
 
@@ -449,8 +450,8 @@ inline std::vector<torch::Tensor> gelu_gate_backward(const torch::Tensor& dy, co
 namespace detail {
 
 /// dwconv3x3(W_in LN(x)) on a tile of an image, the common start of the fused block kernels. compute(n, tile)
-/// gathers the tile with a one-pixel halo (where the image has one), normalises it and multiplies by W_in, all in
-/// cache-sized buffers; depthwise(plane, dst, stride) then writes the tile's convolved values of one output
+/// gathers the tile with a one-pixel halo (where the image has one), normalises it (unless ln_w is null: no
+/// LayerNorm) and multiplies by W_in, all in cache-sized buffers; depthwise(plane, dst, stride) then writes the tile's convolved values of one output
 /// plane, row by row, `stride` apart.
 template <class T>
 class NormPointwiseDepthwiseTile {
@@ -489,8 +490,10 @@ class NormPointwiseDepthwiseTile {
                   normed_.col(c).data() + (r - a0_) * cols);
       }
     }
-    channel_moments(normed_.data(), channels_, len, 0, len, mean_, rstd_, eps_);
-    for (int64_t c = 0; c < channels_; ++c) normed_.col(c).array() = (normed_.col(c).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
+    if (ln_w_ != nullptr) {
+      channel_moments(normed_.data(), channels_, len, 0, len, mean_, rstd_, eps_);
+      for (int64_t c = 0; c < channels_; ++c) normed_.col(c).array() = (normed_.col(c).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
+    }
     expanded_.noalias() = normed_ * w_in_t_;  // len x out_channels: row-major W_in is its transpose here
   }
 
@@ -524,18 +527,25 @@ class NormPointwiseDepthwiseTile {
   Array<T> mean_, rstd_;
 };
 
+/// The LayerNorm weights are both undefined (no LayerNorm) or both of size C.
 inline void check_block_weights(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                 const torch::Tensor& w_in, const torch::Tensor& w_dw) {
-  TORCH_CHECK(x.dim() == 4 && ln_w.numel() == x.size(1) && ln_b.numel() == x.size(1) && w_in.dim() == 4 &&
-                  w_in.size(1) == x.size(1) && w_dw.size(0) == w_in.size(0) && w_dw.size(1) == 1,
+  const bool norm_ok = ln_w.defined() ? ln_b.defined() && ln_w.numel() == x.size(1) && ln_b.numel() == x.size(1)
+                                      : !ln_b.defined();
+  TORCH_CHECK(x.dim() == 4 && norm_ok && w_in.dim() == 4 && w_in.size(1) == x.size(1) && w_dw.size(0) == w_in.size(0) &&
+                  w_dw.size(1) == 1,
               "tdfusion: fused block kernel got input ", x.sizes(), " and weights ", w_in.sizes(), ", ", w_dw.sizes());
 }
+
+/// Data of an optional tensor (null when undefined).
+template <class T>
+const T* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
 }  // namespace detail
 
 /// dwconv3x3(W_in LN(x)): the q, k, v of a Restormer attention, in one pass over cache-sized tiles (inference
 /// only; the intermediates never leave the cache). x: N x C x H x W; ln_w, ln_b: C; w_in: O x C x 1 x 1;
-/// w_dw: O x 1 x 3 x 3.
+/// w_dw: O x 1 x 3 x 3. Undefined ln_w and ln_b: dwconv3x3(W_in x).
 inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torch::Tensor& ln_w,
                                               const torch::Tensor& ln_b, const torch::Tensor& w_in,
                                               const torch::Tensor& w_dw, double eps) {
@@ -543,7 +553,8 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
   detail::check_block_weights(x, ln_w, ln_b, w_in, w_dw);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3), out = w_in.size(0);
   multiply_adds() += batch * height * width * out * (channels + 9);
-  const torch::Tensor xc = x.contiguous(), lw = ln_w.contiguous(), lb = ln_b.contiguous();
+  const torch::Tensor xc = x.contiguous();
+  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
   const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous();
   torch::Tensor y = torch::empty({batch, out, height, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
@@ -553,7 +564,7 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
     const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, out);
     const auto count = static_cast<int64_t>(tiles.size());
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-      Fused fused(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(), lb.data_ptr<T>(), win.data_ptr<T>(),
+      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb), win.data_ptr<T>(),
                   out, wdw.data_ptr<T>(), eps);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / count;
@@ -572,7 +583,7 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
 /// dwconv3x3(W_in LN(x)), in one pass over cache-sized tiles (inference only): the 2H- and H-channel
 /// intermediates stay in cache instead of streaming through memory; each tile recomputes the LayerNorm and W_in
 /// of its one-pixel halo. x: N x C x H x W; ln_w, ln_b: C; w_in: 2H x C x 1 x 1; w_dw: 2H x 1 x 3 x 3;
-/// w_out: C x H x 1 x 1.
+/// w_out: C x H x 1 x 1. Undefined ln_w and ln_b: without the LayerNorm.
 inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                         const torch::Tensor& w_in, const torch::Tensor& w_dw,
                                         const torch::Tensor& w_out, double eps) {
@@ -585,7 +596,8 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
               " channels and ", hidden2, " hidden ones");
   const int64_t pixels = height * width;
   multiply_adds() += batch * pixels * (hidden2 * (channels + 9) + channels * hidden);
-  const torch::Tensor xc = x.contiguous(), lw = ln_w.contiguous(), lb = ln_b.contiguous();
+  const torch::Tensor xc = x.contiguous();
+  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
   const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous(), wout = w_out.contiguous();
   torch::Tensor y = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
@@ -596,7 +608,7 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
     const auto count = static_cast<int64_t>(tiles.size());
     const Eigen::Map<const detail::ColMatrix<T>> out_t(wout.data_ptr<T>(), hidden, channels);
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-      Fused fused(xc.data_ptr<T>(), channels, height, width, lw.data_ptr<T>(), lb.data_ptr<T>(), win.data_ptr<T>(),
+      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb), win.data_ptr<T>(),
                   hidden2, wdw.data_ptr<T>(), eps);
       detail::ColMatrix<T> gated, projected;
       detail::Array<T> gate;

@@ -208,23 +208,35 @@ inline bool inference_fusable(std::initializer_list<const torch::Tensor*> tensor
   return true;
 }
 
+namespace detail {
+
+/// Checks that a fused block kernel may run: the input and weights, and the LayerNorm's unless undefined (no
+/// LayerNorm), satisfy inference_fusable.
+inline void check_fusable(const char* kernel, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
+                          std::initializer_list<const torch::Tensor*> tensors) {
+  const torch::Tensor& x = **tensors.begin();
+  TORCH_CHECK(ln_w.defined() == ln_b.defined(), "tdfusion: ", kernel, " needs both LayerNorm weights or neither");
+  TORCH_CHECK(inference_fusable(tensors) && (!ln_w.defined() || inference_fusable({&x, &ln_w, &ln_b})), "tdfusion: ",
+              kernel, " is for inference on CPU float or double tensors");
+}
+
+}  // namespace detail
+
 /// x + W_out (gelu(a) * b), [a; b] = dwconv3x3(W_in LN(x)): the feed-forward half of a Restormer block in one
-/// pass (kernels::feed_forward_block). Only where inference_fusable holds.
+/// pass (kernels::feed_forward_block; undefined ln_w and ln_b: no LayerNorm). Only where inference_fusable holds.
 inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                         const torch::Tensor& w_in, const torch::Tensor& w_dw, const torch::Tensor& w_out,
                                         double eps = 1e-5) {
-  TORCH_CHECK(inference_fusable({&x, &ln_w, &ln_b, &w_in, &w_dw, &w_out}),
-              "tdfusion: feed_forward_block is for inference on CPU float or double tensors");
+  detail::check_fusable("feed_forward_block", ln_w, ln_b, {&x, &w_in, &w_dw, &w_out});
   return kernels::feed_forward_block(x, ln_w, ln_b, w_in, w_dw, w_out, eps);
 }
 
-/// dwconv3x3(W_in LN(x)): a Restormer attention's q, k, v in one pass (kernels::norm_pointwise_depthwise). Only
-/// where inference_fusable holds.
+/// dwconv3x3(W_in LN(x)): a Restormer attention's q, k, v in one pass (kernels::norm_pointwise_depthwise;
+/// undefined ln_w and ln_b: no LayerNorm). Only where inference_fusable holds.
 inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torch::Tensor& ln_w,
                                               const torch::Tensor& ln_b, const torch::Tensor& w_in,
                                               const torch::Tensor& w_dw, double eps = 1e-5) {
-  TORCH_CHECK(inference_fusable({&x, &ln_w, &ln_b, &w_in, &w_dw}),
-              "tdfusion: norm_pointwise_depthwise is for inference on CPU float or double tensors");
+  detail::check_fusable("norm_pointwise_depthwise", ln_w, ln_b, {&x, &w_in, &w_dw});
   return kernels::norm_pointwise_depthwise(x, ln_w, ln_b, w_in, w_dw, eps);
 }
 
