@@ -3,12 +3,13 @@
 //   build/benchmarks/bench_training --benchmark_counters_tabular=true
 //
 // Steps run on an S x S crop batch of one pair plus its modality swap (batch 2, as in the release), with the
-// task input (SmallSegNet) at the same size; fusion runs on one S x S pair (BM_Fuse640x480: 480 x 640). Argument `fast`: 1 with the fast CPU
-// kernels, 0 with the plain LibTorch ops (nn::ops::FastKernels(false)). Counters: GFLOP/s of the fast
-// convolution and matrix kernels (their multiply-adds, 2 FLOP each, per second of the whole step: elementwise
-// work and LibTorch's own ops count as time only), FastOverPlain (the plain run's time over the fast run's),
-// megapixels per second and milliseconds per megapixel (fusion; constant when the cost is linear in the pixel
-// count), and for the meta step its time relative to a phase-B step of the same kind (MetaOverPlain).
+// task input (SmallSegNet) at the same size; fusion runs on one S x S pair (BM_Fuse640x480: 480 x 640).
+// Argument `fast`: 1 with the fast CPU kernels, 0 with the plain LibTorch ops (nn::ops::FastKernels(false)).
+// Counters: GFLOP/s of the fast convolution and matrix kernels (their multiply-adds, 2 FLOP each, per second of
+// the whole step: elementwise work and LibTorch's own ops count as time only), FastOverPlain (the plain run's
+// time over the fast run's), megapixels per second and milliseconds per megapixel (fusion; constant when the
+// cost is linear in the pixel count), and for the meta step its time relative to a phase-B step of the same
+// kind (MetaOverPlain).
 #include "benchmark_main.hpp"
 
 #include <benchmark/benchmark.h>

@@ -564,8 +564,8 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
     const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, out);
     const auto count = static_cast<int64_t>(tiles.size());
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb), win.data_ptr<T>(),
-                  out, wdw.data_ptr<T>(), eps);
+      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb),
+                  win.data_ptr<T>(), out, wdw.data_ptr<T>(), eps);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / count;
         const auto& tile = tiles[static_cast<size_t>(item % count)];
@@ -608,8 +608,8 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
     const auto count = static_cast<int64_t>(tiles.size());
     const Eigen::Map<const detail::ColMatrix<T>> out_t(wout.data_ptr<T>(), hidden, channels);
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb), win.data_ptr<T>(),
-                  hidden2, wdw.data_ptr<T>(), eps);
+      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb),
+                  win.data_ptr<T>(), hidden2, wdw.data_ptr<T>(), eps);
       detail::ColMatrix<T> gated, projected;
       detail::Array<T> gate;
       for (int64_t item = begin; item < end; ++item) {
