@@ -451,8 +451,8 @@ namespace detail {
 
 /// dwconv3x3(W_in LN(x)) on a tile of an image, the common start of the fused block kernels. compute(n, tile)
 /// gathers the tile with a one-pixel halo (where the image has one), normalises it (unless ln_w is null: no
-/// LayerNorm) and multiplies by W_in, all in cache-sized buffers; depthwise(plane, dst, stride) then writes the tile's convolved values of one output
-/// plane, row by row, `stride` apart.
+/// LayerNorm) and multiplies by W_in, all in cache-sized buffers; depthwise(plane, dst, stride) then writes
+/// the tile's convolved values of one output plane, row by row, `stride` apart.
 template <class T>
 class NormPointwiseDepthwiseTile {
  public:
@@ -492,7 +492,9 @@ class NormPointwiseDepthwiseTile {
     }
     if (ln_w_ != nullptr) {
       channel_moments(normed_.data(), channels_, len, 0, len, mean_, rstd_, eps_);
-      for (int64_t c = 0; c < channels_; ++c) normed_.col(c).array() = (normed_.col(c).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
+      for (int64_t c = 0; c < channels_; ++c) {
+        normed_.col(c).array() = (normed_.col(c).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
+      }
     }
     expanded_.noalias() = normed_ * w_in_t_;  // len x out_channels: row-major W_in is its transpose here
   }
