@@ -10,6 +10,9 @@
 // time over the fast run's), megapixels per second and milliseconds per megapixel (fusion; constant when the
 // cost is linear in the pixel count), and for the meta step its time relative to a phase-B step of the same
 // kind (MetaOverPlain).
+// BM_MetaStepDetector: the meta step of the detection experiment (examples/detection_experiment.cpp), with
+// SmallDetector on two real MSRS pairs and their boxes (task input 192 x 256, argument W its width).
+
 #include "benchmark_main.hpp"
 
 #include <benchmark/benchmark.h>
@@ -17,10 +20,15 @@
 #include <tdfusion/tdfusion.hpp>
 
 #include <chrono>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#ifndef TDFUSION_SHARED_DIR
+#define TDFUSION_SHARED_DIR "../shared"
+#endif
 
 namespace {
 
@@ -90,6 +98,24 @@ void BM_MetaStep(benchmark::State& state, const std::string& name) {
 }
 
 template <class Fusion>
+void BM_MetaStepDetector(benchmark::State& state, const std::string& name) {
+  const std::string msrs = std::string(TDFUSION_SHARED_DIR) + "/data/msrs";
+  if (!std::filesystem::is_directory(msrs)) {
+    state.SkipWithError((msrs + " is absent: this benchmark needs the real MSRS pairs").c_str());
+    return;
+  }
+  const data::DetectionFolder folder(msrs, data::PairedFolderOptions()
+                                               .task_height(192).task_width(state.range(0)).crop_size(128)
+                                               .label_dir(msrs + "/det_labels/fusion").require_labels(true)
+                                               .num_classes(3).flip(false));
+  torch::manual_seed(0);
+  meta::BilevelOptimizer<Fusion, lossgen::Lpn, task::SmallDetector> trainer(
+      Fusion(), lossgen::Lpn(), task::SmallDetector(task::SmallDetectorOptions().num_classes(3)));
+  const auto train = folder.get(0), test = folder.get(1);
+  timed(state, "meta-detector", name, [&] { benchmark::DoNotOptimize(trainer.meta_step(train, test)); });
+}
+
+template <class Fusion>
 void fuse(benchmark::State& state, const std::string& kind, const std::string& name, int64_t height, int64_t width) {
   auto trainer = make_trainer<Fusion>();
   torch::manual_seed(0);
@@ -107,8 +133,8 @@ void BM_Fuse(benchmark::State& state, const std::string& name) {
 
 /// Registers `fn` at (size, fast) pairs: the plain LibTorch ops at `plain` sizes first, then the fast kernels.
 void add(const char* name, void (*fn)(benchmark::State&), const std::vector<int64_t>& plain,
-         const std::vector<int64_t>& fast) {
-  benchmark::internal::Benchmark* b = benchmark::RegisterBenchmark(name, fn)->ArgNames({"S", "fast"});
+         const std::vector<int64_t>& fast, const char* size_name = "S") {
+  benchmark::internal::Benchmark* b = benchmark::RegisterBenchmark(name, fn)->ArgNames({size_name, "fast"});
   for (int64_t s : plain) b->Args({s, 0});
   for (int64_t s : fast) b->Args({s, 1});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -118,6 +144,10 @@ void BM_PlainStep_ReFusion(benchmark::State& state) { BM_PlainStep<fusion::ReFus
 void BM_PlainStep_LightFusion(benchmark::State& state) { BM_PlainStep<fusion::LightFusion>(state, "LightFusion"); }
 void BM_MetaStep_ReFusion(benchmark::State& state) { BM_MetaStep<fusion::ReFusion>(state, "ReFusion"); }
 void BM_MetaStep_LightFusion(benchmark::State& state) { BM_MetaStep<fusion::LightFusion>(state, "LightFusion"); }
+void BM_MetaStepDetector_ReFusion(benchmark::State& state) { BM_MetaStepDetector<fusion::ReFusion>(state, "ReFusion"); }
+void BM_MetaStepDetector_LightFusion(benchmark::State& state) {
+  BM_MetaStepDetector<fusion::LightFusion>(state, "LightFusion");
+}
 void BM_Fuse_ReFusion(benchmark::State& state) { BM_Fuse<fusion::ReFusion>(state, "ReFusion"); }
 void BM_Fuse_LightFusion(benchmark::State& state) { BM_Fuse<fusion::LightFusion>(state, "LightFusion"); }
 // The size of an MSRS image, 480 rows of 640 (the argument S is the width).
@@ -134,6 +164,8 @@ void register_all() {
   add("BM_PlainStep_LightFusion", BM_PlainStep_LightFusion, {128}, {128, 256, 512});
   add("BM_MetaStep_ReFusion", BM_MetaStep_ReFusion, {128}, {128, 256});
   add("BM_MetaStep_LightFusion", BM_MetaStep_LightFusion, {128}, {128, 256, 512});
+  add("BM_MetaStepDetector_ReFusion", BM_MetaStepDetector_ReFusion, {}, {256}, "W");
+  add("BM_MetaStepDetector_LightFusion", BM_MetaStepDetector_LightFusion, {256}, {256}, "W");
   add("BM_Fuse_ReFusion", BM_Fuse_ReFusion, {512, 256}, {2048, 1024, 512, 256, 128});
   add("BM_Fuse_LightFusion", BM_Fuse_LightFusion, {512}, {2048, 1024, 512, 256, 128});
   add("BM_Fuse640x480_ReFusion", BM_Fuse640x480_ReFusion, {640}, {640});
