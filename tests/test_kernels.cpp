@@ -130,10 +130,25 @@ std::vector<Case> cases() {
                  [](const Tensors& t) { return nn::channel_attention(t[0], t[1], t[2], t[3], 2); },
                  {torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}),
                   torch::rand({2, 1, 1}) + 0.5}});
+  all.push_back({"channel attention with a folded projection",
+                 [](const Tensors& t) { return nn::channel_attention(t[0], t[1], t[2], t[3], 2, t[4]); },
+                 {torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}),
+                  torch::rand({2, 1, 1}) + 0.5, torch::randn({4, 4, 1, 1})}});
   return all;
 }
 
 }  // namespace
+
+TEST_CASE("a projection folded into channel attention equals the 1x1 convolution after it") {
+  torch::manual_seed(4);
+  const torch::Tensor q = torch::randn({2, 6, 5, 7}, torch::kDouble), k = torch::randn({2, 6, 5, 7}, torch::kDouble);
+  const torch::Tensor v = torch::randn({2, 6, 5, 7}, torch::kDouble), t = torch::rand({3, 1, 1}, torch::kDouble) + 0.5;
+  const torch::Tensor w = torch::randn({6, 6, 1, 1}, torch::kDouble);
+  const torch::Tensor folded = nn::channel_attention(q, k, v, t, 3, w);
+  CHECK(relative_error(folded, torch::conv2d(nn::channel_attention(q, k, v, t, 3), w)) < 1e-12);
+  CHECK_THROWS_WITH_AS(nn::channel_attention(q, k, v, t, 3, torch::randn({6, 5, 1, 1}, torch::kDouble)),
+                       doctest::Contains("attention projection must be 6 x 6 x 1 x 1"), c10::Error);
+}
 
 TEST_CASE("fast CPU kernels agree with the plain LibTorch ops to 1e-5 (values and gradients, float)") {
   for (const Case& c : cases()) check_agreement(c.name, c.op, c.inputs);
