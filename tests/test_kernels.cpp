@@ -119,6 +119,12 @@ std::vector<Case> cases() {
                  {split, torch::randn({5, 1, 3, 3})}});
   all.push_back({"depthwise3x3 on one column", [](const Tensors& t) { return ops::depthwise3x3(t[0], t[1]); },
                  {torch::randn({1, 2, 5, 1}), torch::randn({2, 1, 3, 3})}});
+  all.push_back({"dense 3x3 convolution", [](const Tensors& t) { return ops::conv_same(t[0], t[1]); },
+                 {split, torch::randn({4, 5, 3, 3})}});
+  // Squared, so that the incoming gradient of the convolution depends on the inputs (checks its derivative too).
+  all.push_back({"squared dense 5x5 convolution with a bias",
+                 [](const Tensors& t) { return ops::conv_same(t[0], t[1], t[2]).square(); },
+                 {x, torch::randn({3, 5, 5, 5}), torch::randn({3})}});
   all.push_back({"channel_layer_norm", [](const Tensors& t) { return ops::channel_layer_norm(t[0], t[1], t[2]); },
                  {split * 3 + 1, torch::randn({5}), torch::randn({5})}});
   all.push_back({"gelu_gate", [](const Tensors& t) { return ops::gelu_gate(t[0], t[1]); }, {split * 2, x}});

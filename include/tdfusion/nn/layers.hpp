@@ -33,6 +33,8 @@ class ConvImpl : public torch::nn::Module {
       y = ops::conv1x1(x, w);
     } else if (kernel_ == 3 && groups_ == x.size(1) && w.size(0) == groups_) {
       y = ops::depthwise3x3(x, w);
+    } else if (groups_ == 1) {
+      return ops::conv_same(x, w, bias_ ? p["bias"] : torch::Tensor());
     } else {
       return torch::conv2d(x, w, bias_ ? p["bias"] : torch::Tensor(), /*stride=*/1, /*padding=*/kernel_ / 2,
                            /*dilation=*/1, groups_);

@@ -152,32 +152,39 @@ namespace detail {
 
 /// Rows r - 1, r, r + 1 of one image plane, each copied with a zero column on both sides (zero rows outside
 /// the plane), so that a 3x3 window at column x reads columns x .. x + 2 of the three rows without branches.
+/// The rows live in a ring of three slots, so moving to the next row copies one row, not three.
 template <class T>
 class PaddedRows {
  public:
   PaddedRows(const T* plane, int64_t height, int64_t width)
       : plane_(plane), height_(height), width_(width), rows_(static_cast<size_t>(3 * (width + 2)), T(0)) {}
 
-  /// Loads the window around row r; rows must be visited in increasing order for the reuse of two rows.
+  /// Loads the window around row r.
   void load(int64_t r) {
-    for (int64_t ky = 0; ky < 3; ++ky) {
-      const int64_t source = r + ky - 1;
-      T* row = rows_.data() + ky * (width_ + 2);
+    row_ = r;
+    for (int64_t source = r - 1; source <= r + 1; ++source) {
+      int64_t& held = held_[slot(source)];
+      if (held == source) continue;
+      held = source;
+      T* row = rows_.data() + slot(source) * (width_ + 2) + 1;  // the zero columns are never written
       if (source < 0 || source >= height_) {
-        std::fill(row, row + width_ + 2, T(0));
+        std::fill(row, row + width_, T(0));
       } else {
-        std::copy(plane_ + source * width_, plane_ + (source + 1) * width_, row + 1);
+        std::copy(plane_ + source * width_, plane_ + (source + 1) * width_, row);
       }
     }
   }
 
   /// Row ky (0, 1, 2 for r - 1, r, r + 1), shifted so that element x is the window's left column.
-  const T* row(int64_t ky) const { return rows_.data() + ky * (width_ + 2); }
+  const T* row(int64_t ky) const { return rows_.data() + slot(row_ + ky - 1) * (width_ + 2); }
 
  private:
+  static int64_t slot(int64_t source) { return (source + 3) % 3; }  // source >= -1
+
   const T* plane_;
-  int64_t height_, width_;
+  int64_t height_, width_, row_ = 0;
   std::vector<T> rows_;
+  int64_t held_[3] = {-2, -2, -2};  // the source row in each slot (-2: none yet)
 };
 
 }  // namespace detail

@@ -3,16 +3,17 @@
 // devices (CUDA keeps LibTorch's kernels) and, on CPU float / double tensors, a custom autograd function
 // around the kernels of cpu.hpp. The meta step differentiates through a gradient, so every function here is
 // differentiable to any order:
-//   linear ops (bmm, depthwise3x3) write their backward with the same fast ops (the weight gradient of the
-//   depthwise convolution is itself a fast, differentiable op whose backward is again made of convolutions);
+//   linear ops (bmm, depthwise3x3, conv_same) write their backward with the same fast ops (the weight gradient
+//   of a convolution is itself a differentiable op whose backward is again made of convolutions);
 //   channel_layer_norm and gelu_gate use a fused kernel for an ordinary backward pass and, when the backward
 //   pass itself is recorded (create_graph, as in the meta step's inner step), the differentiable LibTorch
 //   formula of the same gradient.
 // For inference (no gradient wanted) a transformer block runs two fused kernels instead, LayerNorm + 1x1 +
 // depthwise convolution before the attention and the whole feed-forward half, over cache-sized tiles processed
-// in parallel. Dense 3x3 convolutions stay with LibTorch, whose oneDNN kernel outran an im2col + Eigen GEMM
-// version here (see README, Performance). FastKernels(false) switches the fast path off (for comparisons: the
-// tests and benchmarks measure against it).
+// in parallel. Dense convolutions keep LibTorch's oneDNN kernels, which outran an im2col + Eigen GEMM version
+// here (see README, Performance); conv_same only rewrites their backward, because LibTorch 1.13 differentiates a
+// convolution's gradient through a transposed convolution that runs as a single-threaded im2col + netlib GEMM.
+// FastKernels(false) switches the fast path off (for comparisons: the tests and benchmarks measure against it).
 
 #include "tdfusion/nn/kernels/cpu.hpp"
 
@@ -68,6 +69,7 @@ inline torch::Tensor flipped(const torch::Tensor& w) { return w.flip({2, 3}); }
 
 inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b);
 inline torch::Tensor depthwise3x3(const torch::Tensor& x, const torch::Tensor& w);
+inline torch::Tensor conv_same(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b = {});
 
 namespace detail {
 
@@ -114,6 +116,44 @@ struct DepthwiseFunction : torch::autograd::Function<DepthwiseFunction> {
     torch::Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = ops::depthwise3x3(grads[0], flipped(saved[1]));
     if (ctx->needs_input_grad(1)) dw = DepthwiseWeightGradFunction::apply(grads[0], saved[0]);
+    return {dx, dw};
+  }
+};
+
+/// dL/dx of y = conv_same(x, w) given dy: the convolution of dy with the transposed, flipped kernel.
+inline torch::Tensor conv_same_input_grad(const torch::Tensor& dy, const torch::Tensor& w) {
+  return ops::conv_same(dy, flipped(w.transpose(0, 1)));
+}
+
+/// dL/dw of y = conv_same(x, w) given dy (the correlation of x with dy), by LibTorch's weight-gradient kernel.
+struct ConvWeightGradFunction : torch::autograd::Function<ConvWeightGradFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& dy, const torch::Tensor& x, int64_t kernel) {
+    ctx->save_for_backward({dy, x});
+    const torch::Tensor weight_shape = torch::empty({dy.size(1), x.size(1), kernel, kernel}, x.options());
+    const int64_t pad = kernel / 2;
+    return std::get<1>(at::convolution_backward(dy, x, weight_shape, c10::nullopt, {1, 1}, {pad, pad}, {1, 1},
+                                                /*transposed=*/false, {0, 0}, /*groups=*/1, {false, true, false}));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor& g = grads[0];
+    torch::Tensor ddy, dx;
+    if (ctx->needs_input_grad(0)) ddy = ops::conv_same(saved[1], g);
+    if (ctx->needs_input_grad(1)) dx = conv_same_input_grad(saved[0], g);
+    return {ddy, dx, torch::Tensor()};
+  }
+};
+
+struct ConvFunction : torch::autograd::Function<ConvFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
+    ctx->save_for_backward({x, w});
+    return torch::conv2d(x, w, {}, /*stride=*/1, /*padding=*/w.size(2) / 2);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    torch::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = conv_same_input_grad(grads[0], saved[1]);
+    if (ctx->needs_input_grad(1)) dw = ConvWeightGradFunction::apply(grads[0], saved[0], saved[1].size(2));
     return {dx, dw};
   }
 };
@@ -206,6 +246,15 @@ inline bool inference_fusable(std::initializer_list<const torch::Tensor*> tensor
     if (t->requires_grad()) return false;
   }
   return true;
+}
+
+/// Dense convolution, stride 1, "same" zero padding, optional bias b: w O x I x k x k, k odd.
+inline torch::Tensor conv_same(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  if (!detail::fast({&x, &w}) || inference_fusable({&x, &w})) {
+    return torch::conv2d(x, w, b, /*stride=*/1, /*padding=*/w.size(2) / 2);
+  }
+  const torch::Tensor y = detail::ConvFunction::apply(x, w);
+  return b.defined() ? y + b.view({1, -1, 1, 1}) : y;
 }
 
 namespace detail {
