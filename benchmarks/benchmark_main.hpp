@@ -10,8 +10,8 @@
 namespace tdfusion::bench {
 
 inline int run(int argc, char** argv) {
-  use_cpu_threads();
   reuse_freed_memory();
+  use_cpu_threads();
   benchmark::AddCustomContext("torch_threads", std::to_string(torch::get_num_threads()));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -265,8 +265,8 @@ int main(int argc, char** argv) {
   app.add_option("--arms", c.arms, "which arms to run, e.g. ad")->capture_default_str();
   app.add_option("--threads", threads, "CPU threads (default: all cores)");
   CLI11_PARSE(app, argc, argv);
-  use_cpu_threads(threads);
   reuse_freed_memory();
+  use_cpu_threads(threads);
 
   try {
     if (!fs::is_directory(fs::path(c.data) / "det_labels" / "fusion")) {

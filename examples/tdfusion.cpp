@@ -91,12 +91,17 @@ LoadedFusion load_fusion(const std::string& file, const torch::Device& device) {
 struct FuseArgs {
   std::string ir, vi, out, weights, device = "cpu";
   int64_t tile = 0;
+  bool sequential_tiles = false;
   bool raw = false;
 };
 
 int run_fuse(const FuseArgs& args) {
   LoadedFusion net = load_fusion(args.weights, torch::Device(args.device));
-  const auto options = fusion::FuseImagesOptions().tile(args.tile).min_max(!args.raw).device(torch::Device(args.device));
+  const auto options = fusion::FuseImagesOptions()
+                           .tile(args.tile)
+                           .parallel_tiles(!args.sequential_tiles)
+                           .min_max(!args.raw)
+                           .device(torch::Device(args.device));
   std::vector<std::pair<data::PairPaths, std::string>> jobs;  // pair -> output file
   if (fs::is_directory(args.ir) || fs::is_directory(args.vi)) {
     TORCH_CHECK(fs::is_directory(args.ir) && fs::is_directory(args.vi), "tdfusion: --ir and --vi must both be folders "
@@ -535,6 +540,8 @@ int main(int argc, char** argv) {
   fuse_cmd->add_option("--out", fuse.out, "output image (.png/.jpg/.bmp) or folder")->required();
   fuse_cmd->add_option("--weights", fuse.weights, "fusion state_dict (.pth; default: the built-in model)");
   fuse_cmd->add_option("--tile", fuse.tile, "fuse in tiles of this side (exact; bounds memory)")->check(CLI::NonNegativeNumber);
+  fuse_cmd->add_flag("--sequential-tiles", fuse.sequential_tiles,
+                     "with --tile: one tile at a time on all threads (least memory; default: a tile per thread)");
   fuse_cmd->add_option("--device", fuse.device, "cpu or cuda")->capture_default_str();
   fuse_cmd->add_flag("--raw", fuse.raw, "keep the network's output range (no per-image min-max stretch)");
 
@@ -607,8 +614,8 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
-  use_cpu_threads(threads);
   reuse_freed_memory();
+  use_cpu_threads(threads);
   try {
     if (*fuse_cmd) return run_fuse(fuse);
     if (*train_cmd) return run_train(train, std::vector<std::string>(argv, argv + argc));

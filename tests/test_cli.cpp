@@ -92,6 +92,26 @@ TEST_CASE("tdfusion fuse on real TNO and MSRS pairs writes images of the sources
   }
 }
 
+TEST_CASE("tdfusion fuse --tile gives the whole-image result, with tiles in parallel or one at a time") {
+  Scratch scratch("tiled");
+  torch::manual_seed(8);
+  const std::string ir = scratch / "ir.png", vi = scratch / "vi.png";
+  tdfusion::io::write_image(ir, torch::rand({1, 90, 130}));
+  tdfusion::io::write_image(vi, torch::rand({3, 90, 130}));
+  std::vector<torch::Tensor> fused;
+  for (const std::string flags : {"", "--tile 40", "--tile 40 --sequential-tiles"}) {
+    const std::string out = scratch / ("fused_" + std::to_string(fused.size()) + ".png");
+    const Run run = run_cli("--threads 2 fuse --ir " + quoted(ir) + " --vi " + quoted(vi) + " --out " + quoted(out) + " " + flags);
+    INFO(flags << ": " << run.output);
+    REQUIRE(run.exit_code == 0);
+    fused.push_back(tdfusion::io::read_image(out));
+  }
+  CHECK(fused[0].std().item<double>() > 0.02);
+  for (size_t i = 1; i < fused.size(); ++i) {  // equal up to float rounding, so up to one 8-bit step
+    CHECK((fused[i] - fused[0]).abs().max().item<double>() <= 1.0 / 255 + 1e-6);
+  }
+}
+
 TEST_CASE("tdfusion fuse fails with exit code 1 and names the file for bad data, leaving no output behind") {
   Scratch scratch("bad");
   const torch::Tensor image = torch::rand({1, 24, 32});

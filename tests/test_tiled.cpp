@@ -85,6 +85,21 @@ TEST_CASE("fuse_tiled equals untiled ReFusion (random weights, float)") {
   CHECK(diff < 1e-5);
 }
 
+TEST_CASE("fuse_tiled gives the same image with tiles in parallel and one after another") {
+  torch::manual_seed(7);
+  tdfusion::fusion::ReFusion net;
+  const auto [ir, vi] = pair_of(1, 100, 90);  // 3 x 3 tiles, the last row and column narrow
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(2);  // two tiles at a time, also where LibTorch starts with one thread
+  const torch::Tensor parallel = fuse_tiled(net, ir, vi, TiledFusionOptions().tile(40));
+  const torch::Tensor sequential = fuse_tiled(net, ir, vi, TiledFusionOptions().tile(40).parallel_tiles(false));
+  torch::set_num_threads(threads);
+  const double between = max_difference(parallel, sequential), exact = max_difference(parallel, untiled(net, ir, vi));
+  MESSAGE("max |parallel - sequential tiles| = " << between << ", max |parallel tiles - untiled| = " << exact);
+  CHECK(between < 1e-6);
+  CHECK(exact < 1e-5);
+}
+
 TEST_CASE("fuse_tiled equals untiled ReFusion in double to rounding, and halo 13 is tight") {
   torch::manual_seed(2);
   tdfusion::fusion::ReFusion net;

@@ -13,6 +13,7 @@ namespace tdfusion::fusion {
 
 struct FuseImagesOptions {
   TORCH_ARG(int64_t, tile) = 0;           ///< > 0: fuse in tiles of this side with bounded memory (exact)
+  TORCH_ARG(bool, parallel_tiles) = true; ///< with tiles: one per CPU thread at a time (see TiledFusionOptions)
   TORCH_ARG(bool, min_max) = true;        ///< the release's per-image min-max stretch of the fused Y
   TORCH_ARG(torch::Device, device) = torch::kCPU;
 };
@@ -38,8 +39,10 @@ torch::Tensor fuse_images(FusionNet& net, const torch::Tensor& ir_image, const t
   const torch::Tensor ir = luminance(ir_image).unsqueeze(0).to(options.device(), dtype);
   const torch::Tensor vi = luminance(vi_image).unsqueeze(0).to(options.device(), dtype);
   check_pair(ir, vi);
-  torch::Tensor y = options.tile() > 0 ? fuse_tiled(net, ir, vi, TiledFusionOptions().tile(options.tile()))
-                                       : net->forward(ir, vi);
+  torch::Tensor y = options.tile() > 0
+                        ? fuse_tiled(net, ir, vi,
+                                     TiledFusionOptions().tile(options.tile()).parallel_tiles(options.parallel_tiles()))
+                        : net->forward(ir, vi);
   y = y[0].to(torch::kCPU, torch::kFloat32);
   if (options.min_max()) y = io::min_max_normalise(y);
   return io::restore_colour(y, ir_image.to(torch::kFloat32), vi_image.to(torch::kFloat32));

@@ -24,6 +24,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 namespace tdfusion::fusion {
@@ -46,6 +47,10 @@ struct TiledFusionOptions {
   /// Must be >= the net's receptive radius (receptive_halo) for exact results: 16 covers ReFusion's 13 at the
   /// defaults and LightFusion up to depth 14, with a margin.
   TORCH_ARG(int64_t, halo) = 16;
+  /// On CPU, run one tile per thread at a time, each tile's kernels single-threaded: no thread waits at the
+  /// barriers of small kernels, but memory grows to one tile per thread. Off: one tile at a time, its kernels
+  /// parallel. Other devices always take one tile at a time.
+  TORCH_ARG(bool, parallel_tiles) = true;
 };
 
 namespace detail {
@@ -54,21 +59,53 @@ namespace detail {
 /// forward pass is not needed. Not a std::exception, so code that catches those does not swallow it.
 struct AttentionPassDone {};
 
-/// The attention hook of fuse_tiled: replays finished matrices and accumulates the next one.
+/// The sums over a tile's interior pixels that one attention call's matrix needs (per head: q k^T, and the
+/// squared norms of q's and k's channels), in double, so that the matrix does not depend on the tiling.
+struct AttentionSums {
+  torch::Tensor qk, q_squares, k_squares;
+
+  void add(const AttentionSums& other) {
+    TORCH_CHECK(qk.sizes() == other.qk.sizes(), "tdfusion: fuse_tiled: an attention call changed shape between tiles");
+    qk += other.qk, q_squares += other.q_squares, k_squares += other.k_squares;
+  }
+};
+
+/// A tile: its interior rows [y0, y1) and columns [x0, x1) of the output, cut with its halo as [cy0, cy1) x
+/// [cx0, cx1) of the input.
+struct Tile {
+  int64_t y0, y1, x0, x1, cy0, cy1, cx0, cx1;
+};
+
+inline std::vector<Tile> tiles_of(int64_t height, int64_t width, int64_t tile, int64_t halo) {
+  std::vector<Tile> tiles;
+  for (int64_t y0 = 0; y0 < height; y0 += tile) {
+    for (int64_t x0 = 0; x0 < width; x0 += tile) {
+      const int64_t y1 = std::min(y0 + tile, height), x1 = std::min(x0 + tile, width);
+      tiles.push_back({y0, y1, x0, x1, std::max<int64_t>(y0 - halo, 0), std::min(y1 + halo, height),
+                       std::max<int64_t>(x0 - halo, 0), std::min(x1 + halo, width)});
+    }
+  }
+  return tiles;
+}
+
+/// The attention hook of one thread of fuse_tiled: replays the finished matrices and, at the first call
+/// beyond them, takes the tile's sums and ends its forward pass.
 class TiledAttention : public nn::AttentionTiling {
  public:
-  /// Starts a tile's forward pass: the tile is height x width, its interior rows [y0, y1), columns [x0, x1).
-  void begin_tile(int64_t height, int64_t width, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
-    height_ = height, width_ = width, y0_ = y0, y1_ = y1, x0_ = x0, x1_ = x1;
+  explicit TiledAttention(const std::vector<torch::Tensor>& matrices) : matrices_(matrices) {}
+
+  /// Starts the forward pass of `tile`.
+  void begin_tile(const Tile& tile) {
+    tile_ = tile;
     calls_ = 0;
   }
 
   torch::Tensor matrix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& temperature,
                        int64_t heads) override {
     const int64_t n = q.size(0), c = q.size(1);
-    TORCH_CHECK(q.size(2) == height_ && q.size(3) == width_,
-                "tdfusion: fuse_tiled needs channel attention at the input resolution; a ", height_, " x ",
-                width_, " tile reached attention with shape ", q.sizes());
+    TORCH_CHECK(q.size(2) == tile_.cy1 - tile_.cy0 && q.size(3) == tile_.cx1 - tile_.cx0,
+                "tdfusion: fuse_tiled needs channel attention at the input resolution; a ", tile_.cy1 - tile_.cy0,
+                " x ", tile_.cx1 - tile_.cx0, " tile reached attention with shape ", q.sizes());
     const auto index = static_cast<size_t>(calls_++);
     if (index < matrices_.size()) {
       const torch::Tensor& attn = matrices_[index];
@@ -76,45 +113,39 @@ class TiledAttention : public nn::AttentionTiling {
                   "tdfusion: fuse_tiled: attention call ", index, " changed shape between tiles");
       return attn;
     }
-    accumulate(q, k, temperature, heads);
+    const int64_t pixels = (tile_.y1 - tile_.y0) * (tile_.x1 - tile_.x0);
+    const auto acc = q.device().is_mps() ? torch::kFloat32 : torch::kFloat64;  // MPS has no double
+    auto interior = [&](const torch::Tensor& x) {
+      return x.slice(2, tile_.y0 - tile_.cy0, tile_.y1 - tile_.cy0)
+          .slice(3, tile_.x0 - tile_.cx0, tile_.x1 - tile_.cx0)
+          .to(acc)
+          .reshape({n, heads, c / heads, pixels});
+    };
+    const torch::Tensor qi = interior(q), ki = interior(k);
+    sums_ = {nn::ops::bmm(qi, ki.transpose(-2, -1)), qi.square().sum(-1), ki.square().sum(-1)};
+    temperature_ = temperature.detach().to(acc);
+    dtype_ = q.scalar_type();
     throw AttentionPassDone{};
   }
 
-  /// Turns the statistics of the pass that just ended into the next final attention matrix.
-  void finish_pass() {
-    matrices_.push_back(nn::attention_matrix(qk_, q_squares_.sqrt(), k_squares_.sqrt(), temperature_).to(dtype_));
-    qk_ = q_squares_ = k_squares_ = temperature_ = torch::Tensor();
-  }
-
   int64_t calls() const { return calls_; }
-  int64_t finished() const { return static_cast<int64_t>(matrices_.size()); }
+  const AttentionSums& sums() const { return sums_; }
+  const torch::Tensor& temperature() const { return temperature_; }
+  torch::ScalarType dtype() const { return dtype_; }
 
  private:
-  void accumulate(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& temperature, int64_t heads) {
-    const int64_t n = q.size(0), c = q.size(1), pixels = (y1_ - y0_) * (x1_ - x0_);
-    // Sums over many tiles: accumulate in double (MPS has none) so the matrix does not depend on the tiling.
-    const auto acc = q.device().is_mps() ? torch::kFloat32 : torch::kFloat64;
-    auto interior = [&](const torch::Tensor& x) {
-      return x.slice(2, y0_, y1_).slice(3, x0_, x1_).to(acc).reshape({n, heads, c / heads, pixels});
-    };
-    const torch::Tensor qi = interior(q), ki = interior(k);
-    const torch::Tensor qk = nn::ops::bmm(qi, ki.transpose(-2, -1));
-    const torch::Tensor qq = qi.square().sum(-1), kk = ki.square().sum(-1);
-    if (!qk_.defined()) {
-      qk_ = qk, q_squares_ = qq, k_squares_ = kk;
-      temperature_ = temperature.detach().to(acc);
-      dtype_ = q.scalar_type();
-    } else {
-      TORCH_CHECK(qk_.sizes() == qk.sizes(), "tdfusion: fuse_tiled: attention call ", finished(),
-                  " changed shape between tiles");
-      qk_ += qk, q_squares_ += qq, k_squares_ += kk;
-    }
-  }
-
-  std::vector<torch::Tensor> matrices_;               // final matrices of calls 0 .. finished() - 1
-  torch::Tensor qk_, q_squares_, k_squares_, temperature_;  // statistics of call finished()
+  const std::vector<torch::Tensor>& matrices_;  // final matrices of the calls before the accumulated one
+  Tile tile_{};
+  AttentionSums sums_;
+  torch::Tensor temperature_;
   torch::ScalarType dtype_ = torch::kFloat32;
-  int64_t calls_ = 0, height_ = 0, width_ = 0, y0_ = 0, y1_ = 0, x0_ = 0, x1_ = 0;
+  int64_t calls_ = 0;
+};
+
+/// What one tile's forward pass in one pass over the image gave.
+struct TileResult {
+  bool completed = false;  // its forward pass ran to the output (no attention call beyond the finished ones)
+  AttentionSums sums;      // otherwise: its share of the next call's statistics
 };
 
 }  // namespace detail
@@ -122,9 +153,10 @@ class TiledAttention : public nn::AttentionTiling {
 /// Fuses ir and vi (N x 1 x H x W) with `net` tile by tile; equals net->forward(ir, vi) up to float rounding
 /// when options.halo() >= the net's receptive radius. Works for any fusion policy built from tdfusion's blocks
 /// (its attention must go through nn::channel_attention at the input resolution, called directly from
-/// forward_with). Tiles run one after another on the inputs' device; peak memory is one tile with its halo,
-/// plus the output and a few (C/heads)^2 statistics. Costs about (attention calls / 2 + 1) forward passes,
-/// each over the tiles' halos too; an image within one tile takes the plain single forward pass.
+/// forward_with). Peak memory is one tile with its halo per concurrent tile (options.parallel_tiles), plus the
+/// output and a few (C/heads)^2 statistics. Costs about (attention calls / 2 + 1) forward passes, each over
+/// the tiles' halos too; an image within one tile takes the plain single forward pass. The statistics are
+/// summed in tile order, so the result does not depend on the thread count.
 template <class FusionHolder>
 torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch::Tensor& vi,
                          TiledFusionOptions options = {}) {
@@ -134,45 +166,71 @@ torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch
               options.tile(), " and halo ", options.halo());
   torch::NoGradGuard no_grad;
   const ParamView params(*net);
-  const int64_t height = ir.size(2), width = ir.size(3), tile = options.tile(), halo = options.halo();
-  if (height <= tile && width <= tile) return net->forward_with(params, ir, vi);
+  const int64_t height = ir.size(2), width = ir.size(3);
+  if (height <= options.tile() && width <= options.tile()) return net->forward_with(params, ir, vi);
 
-  detail::TiledAttention hook;
-  const nn::AttentionTiling::Scope scope(hook);
+  const std::vector<detail::Tile> tiles = detail::tiles_of(height, width, options.tile(), options.halo());
+  const auto count = static_cast<int64_t>(tiles.size());
+  std::vector<torch::Tensor> matrices;  // the final attention matrices found so far, in call order
   torch::Tensor fused;
+  std::mutex allocation;
+  const bool inference = c10::InferenceMode::is_enabled();
   for (;;) {  // one pass per attention call, the last one producing the output
-    bool output_pass = false, first_tile = true;
-    for (int64_t y0 = 0; y0 < height; y0 += tile) {
-      for (int64_t x0 = 0; x0 < width; x0 += tile) {
-        const int64_t y1 = std::min(y0 + tile, height), x1 = std::min(x0 + tile, width);
-        const int64_t cy0 = std::max<int64_t>(y0 - halo, 0), cy1 = std::min(y1 + halo, height);
-        const int64_t cx0 = std::max<int64_t>(x0 - halo, 0), cx1 = std::min(x1 + halo, width);
-        hook.begin_tile(cy1 - cy0, cx1 - cx0, y0 - cy0, y1 - cy0, x0 - cx0, x1 - cx0);
-        auto cut = [&](const torch::Tensor& image) { return image.slice(2, cy0, cy1).slice(3, cx0, cx1); };
-        bool completed = true;
+    std::vector<detail::TileResult> results(tiles.size());
+    torch::Tensor temperature;
+    torch::ScalarType dtype = torch::kFloat32;
+    auto run = [&](int64_t begin, int64_t end) {
+      // The caller's autograd modes hold on every thread (they are thread-local).
+      const c10::InferenceMode thread_inference(inference);
+      const torch::NoGradGuard thread_no_grad;
+      detail::TiledAttention hook(matrices);
+      const nn::AttentionTiling::Scope scope(hook);
+      for (int64_t t = begin; t < end; ++t) {
+        const detail::Tile& tile = tiles[static_cast<size_t>(t)];
+        detail::TileResult& result = results[static_cast<size_t>(t)];
+        hook.begin_tile(tile);
+        auto cut = [&](const torch::Tensor& image) {
+          return image.slice(2, tile.cy0, tile.cy1).slice(3, tile.cx0, tile.cx1);
+        };
         torch::Tensor out;
         try {
           out = net->forward_with(params, cut(ir), cut(vi));
         } catch (const detail::AttentionPassDone&) {
-          completed = false;
+          result.sums = hook.sums();
+          if (t == 0) temperature = hook.temperature(), dtype = hook.dtype();
+          continue;
         }
-        TORCH_CHECK(first_tile || completed == output_pass,
-                    "tdfusion: fuse_tiled: tiles of one image made different numbers of attention calls");
-        first_tile = false;
-        output_pass = completed;
-        if (!completed) continue;
-        TORCH_CHECK(hook.calls() == hook.finished(), "tdfusion: fuse_tiled: a tile made ", hook.calls(),
-                    " attention calls, earlier tiles ", hook.finished());
-        TORCH_CHECK(out.dim() == 4 && out.size(0) == ir.size(0) && out.size(2) == cy1 - cy0 &&
-                        out.size(3) == cx1 - cx0,
-                    "tdfusion: fuse_tiled needs a fully convolutional net; a ", cy1 - cy0, " x ", cx1 - cx0,
-                    " tile gave shape ", out.sizes());
-        if (!fused.defined()) fused = torch::empty({ir.size(0), out.size(1), height, width}, out.options());
-        fused.slice(2, y0, y1).slice(3, x0, x1).copy_(out.slice(2, y0 - cy0, y1 - cy0).slice(3, x0 - cx0, x1 - cx0));
+        result.completed = true;
+        TORCH_CHECK(hook.calls() == static_cast<int64_t>(matrices.size()), "tdfusion: fuse_tiled: a tile made ",
+                    hook.calls(), " attention calls, earlier tiles ", matrices.size());
+        TORCH_CHECK(out.dim() == 4 && out.size(0) == ir.size(0) && out.size(2) == tile.cy1 - tile.cy0 &&
+                        out.size(3) == tile.cx1 - tile.cx0,
+                    "tdfusion: fuse_tiled needs a fully convolutional net; a ", tile.cy1 - tile.cy0, " x ",
+                    tile.cx1 - tile.cx0, " tile gave shape ", out.sizes());
+        {
+          const std::lock_guard<std::mutex> lock(allocation);
+          if (!fused.defined()) fused = torch::empty({ir.size(0), out.size(1), height, width}, out.options());
+        }
+        fused.slice(2, tile.y0, tile.y1)
+            .slice(3, tile.x0, tile.x1)
+            .copy_(out.slice(2, tile.y0 - tile.cy0, tile.y1 - tile.cy0).slice(3, tile.x0 - tile.cx0, tile.x1 - tile.cx0));
       }
+    };
+    if (options.parallel_tiles() && ir.device().is_cpu()) {
+      at::parallel_for(0, count, 1, run);
+    } else {
+      run(0, count);
+    }
+    const bool output_pass = results.front().completed;
+    for (const detail::TileResult& result : results) {
+      TORCH_CHECK(result.completed == output_pass,
+                  "tdfusion: fuse_tiled: tiles of one image made different numbers of attention calls");
     }
     if (output_pass) return fused;
-    hook.finish_pass();
+    detail::AttentionSums total = results.front().sums;
+    for (size_t t = 1; t < results.size(); ++t) total.add(results[t].sums);
+    matrices.push_back(
+        nn::attention_matrix(total.qk, total.q_squares.sqrt(), total.k_squares.sqrt(), temperature).to(dtype));
   }
 }
 
