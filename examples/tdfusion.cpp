@@ -91,7 +91,7 @@ LoadedFusion load_fusion(const std::string& file, const torch::Device& device) {
 struct FuseArgs {
   std::string ir, vi, out, weights, device = "cpu";
   int64_t tile = 0;
-  bool sequential_tiles = false;
+  bool parallel_tiles = false;
   bool raw = false;
 };
 
@@ -99,7 +99,7 @@ int run_fuse(const FuseArgs& args) {
   LoadedFusion net = load_fusion(args.weights, torch::Device(args.device));
   const auto options = fusion::FuseImagesOptions()
                            .tile(args.tile)
-                           .parallel_tiles(!args.sequential_tiles)
+                           .parallel_tiles(args.parallel_tiles)
                            .min_max(!args.raw)
                            .device(torch::Device(args.device));
   std::vector<std::pair<data::PairPaths, std::string>> jobs;  // pair -> output file
@@ -540,8 +540,8 @@ int main(int argc, char** argv) {
   fuse_cmd->add_option("--out", fuse.out, "output image (.png/.jpg/.bmp) or folder")->required();
   fuse_cmd->add_option("--weights", fuse.weights, "fusion state_dict (.pth; default: the built-in model)");
   fuse_cmd->add_option("--tile", fuse.tile, "fuse in tiles of this side (exact; bounds memory)")->check(CLI::NonNegativeNumber);
-  fuse_cmd->add_flag("--sequential-tiles", fuse.sequential_tiles,
-                     "with --tile: one tile at a time on all threads (least memory; default: a tile per thread)");
+  fuse_cmd->add_flag("--parallel-tiles", fuse.parallel_tiles,
+                     "with --tile: a tile per thread at a time (faster for tiles of about 128, memory of one tile each)");
   fuse_cmd->add_option("--device", fuse.device, "cpu or cuda")->capture_default_str();
   fuse_cmd->add_flag("--raw", fuse.raw, "keep the network's output range (no per-image min-max stretch)");
 

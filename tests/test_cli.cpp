@@ -92,14 +92,14 @@ TEST_CASE("tdfusion fuse on real TNO and MSRS pairs writes images of the sources
   }
 }
 
-TEST_CASE("tdfusion fuse --tile gives the whole-image result, with tiles in parallel or one at a time") {
+TEST_CASE("tdfusion fuse --tile gives the whole-image result, with tiles one at a time or in parallel") {
   Scratch scratch("tiled");
   torch::manual_seed(8);
   const std::string ir = scratch / "ir.png", vi = scratch / "vi.png";
   tdfusion::io::write_image(ir, torch::rand({1, 90, 130}));
   tdfusion::io::write_image(vi, torch::rand({3, 90, 130}));
   std::vector<torch::Tensor> fused;
-  for (const std::string flags : {"", "--tile 40", "--tile 40 --sequential-tiles"}) {
+  for (const std::string flags : {"", "--tile 40", "--tile 40 --parallel-tiles"}) {
     const std::string out = scratch / ("fused_" + std::to_string(fused.size()) + ".png");
     const Run run = run_cli("--threads 2 fuse --ir " + quoted(ir) + " --vi " + quoted(vi) + " --out " + quoted(out) + " " + flags);
     INFO(flags << ": " << run.output);

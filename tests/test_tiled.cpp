@@ -91,8 +91,8 @@ TEST_CASE("fuse_tiled gives the same image with tiles in parallel and one after 
   const auto [ir, vi] = pair_of(1, 100, 90);  // 3 x 3 tiles, the last row and column narrow
   const int threads = torch::get_num_threads();
   torch::set_num_threads(2);  // two tiles at a time, also where LibTorch starts with one thread
-  const torch::Tensor parallel = fuse_tiled(net, ir, vi, TiledFusionOptions().tile(40));
-  const torch::Tensor sequential = fuse_tiled(net, ir, vi, TiledFusionOptions().tile(40).parallel_tiles(false));
+  const torch::Tensor parallel = fuse_tiled(net, ir, vi, TiledFusionOptions().tile(40).parallel_tiles(true));
+  const torch::Tensor sequential = fuse_tiled(net, ir, vi, TiledFusionOptions().tile(40));
   torch::set_num_threads(threads);
   const double between = max_difference(parallel, sequential), exact = max_difference(parallel, untiled(net, ir, vi));
   MESSAGE("max |parallel - sequential tiles| = " << between << ", max |parallel tiles - untiled| = " << exact);

@@ -22,15 +22,15 @@ inline void use_cpu_threads(int threads = 0) {
 /// fresh pages from mmap and unmaps them on free, so each large intermediate of a forward pass (one 48-channel
 /// 640 x 480 map is 59 MB) pays page faults and the kernel's zeroing of its pages: about half the time of a
 /// ReFusion fusion at that size on two cores. After this call large blocks come from the heap and are reused;
-/// the price is memory the process holds until it exits. All threads share that one heap: the heaps of
-/// other threads' arenas hold at most 64 MB, so their large blocks would still be mapped and unmapped (tiles
-/// fused in parallel paid 13 s of page faults in a 2048 x 1536 ReFusion fusion that way). Call once at
-/// program start, before other threads allocate. No effect without glibc.
+/// the price is memory the process holds until it exits. Threads other than the main one allocate from their
+/// own arenas, whose heaps hold at most 64 MB, so their larger blocks are still mapped and unmapped: this is
+/// why fusion::TiledFusionOptions::parallel_tiles suits small tiles only. (Making every thread share the main
+/// heap instead fragments it: an untiled 2048 x 2048 ReFusion fusion went from 7 s to 11-23 s.) Call once at
+/// program start. No effect without glibc.
 inline void reuse_freed_memory() {
 #if defined(__GLIBC__)
   mallopt(M_MMAP_MAX, 0);         // no mmap-backed allocations: freed blocks return to the heap
   mallopt(M_TRIM_THRESHOLD, -1);  // and the heap is never trimmed (glibc: -1 disables trimming)
-  mallopt(M_ARENA_MAX, 1);        // one arena: the main heap, for every thread
 #endif
 }
 

@@ -13,7 +13,7 @@ namespace tdfusion::fusion {
 
 struct FuseImagesOptions {
   TORCH_ARG(int64_t, tile) = 0;           ///< > 0: fuse in tiles of this side with bounded memory (exact)
-  TORCH_ARG(bool, parallel_tiles) = true; ///< with tiles: one per CPU thread at a time (see TiledFusionOptions)
+  TORCH_ARG(bool, parallel_tiles) = false; ///< with tiles: one per CPU thread at a time (see TiledFusionOptions)
   TORCH_ARG(bool, min_max) = true;        ///< the release's per-image min-max stretch of the fused Y
   TORCH_ARG(torch::Device, device) = torch::kCPU;
 };

@@ -47,10 +47,12 @@ struct TiledFusionOptions {
   /// Must be >= the net's receptive radius (receptive_halo) for exact results: 16 covers ReFusion's 13 at the
   /// defaults and LightFusion up to depth 14, with a margin.
   TORCH_ARG(int64_t, halo) = 16;
-  /// On CPU, run one tile per thread at a time, each tile's kernels single-threaded: no thread waits at the
-  /// barriers of small kernels, but memory grows to one tile per thread. Off: one tile at a time, its kernels
-  /// parallel. Other devices always take one tile at a time.
-  TORCH_ARG(bool, parallel_tiles) = true;
+  /// On CPU, run one tile per thread at a time, each tile's kernels single-threaded, instead of one tile at a
+  /// time on all threads. Memory grows to one tile per thread. It pays for small tiles, whose kernels are too
+  /// short to keep all threads busy: ReFusion on 2 cores ran 1.5x as fast with 128-pixel tiles, but 0.95x
+  /// with 256 and 0.6x with 512, where glibc maps fresh pages for the worker threads' large blocks (see
+  /// reuse_freed_memory; README, Performance). Other devices always take one tile at a time.
+  TORCH_ARG(bool, parallel_tiles) = false;
 };
 
 namespace detail {
