@@ -6,8 +6,8 @@
 //   linear ops (bmm, depthwise3x3, conv_same) write their backward with the same fast ops (the weight gradient
 //   of a convolution is itself a differentiable op whose backward is again made of convolutions);
 //   channel_layer_norm and gelu_gate use a fused kernel for an ordinary backward pass and, when the backward
-//   pass itself is recorded (create_graph, as in the meta step's inner step), the differentiable LibTorch
-//   formula of the same gradient.
+//   pass itself is recorded (create_graph, as in the meta step's inner step), differentiable LibTorch ops for
+//   the same gradient.
 // For inference (no gradient wanted) a transformer block runs two fused kernels instead, LayerNorm + 1x1 +
 // depthwise convolution before the attention and the whole feed-forward half, over cache-sized tiles processed
 // in parallel. Dense convolutions keep LibTorch's oneDNN kernels, which outran an im2col + Eigen GEMM version
@@ -203,9 +203,8 @@ struct GeluGateFunction : torch::autograd::Function<GeluGateFunction> {
       std::vector<torch::Tensor> d = kernels::gelu_gate_backward(g, a, b);
       return {d[0], d[1]};
     }
-    const torch::Tensor cdf = 0.5 * (1.0 + torch::erf(a * M_SQRT1_2));
-    const torch::Tensor pdf = torch::exp(-0.5 * a * a) * 0.3989422804014327;
-    return {g * b * (cdf + a * pdf), g * a * cdf};
+    // Recorded backward: LibTorch's fused (and differentiable) GELU derivative, as autograd of gelu(a) * b has.
+    return {at::gelu_backward(g * b, a), g * torch::gelu(a)};
   }
 };
 
