@@ -62,9 +62,11 @@ namespace detail {
 struct AttentionPassDone {};
 
 /// The sums over a tile's interior pixels that one attention call's matrix needs (per head: q k^T, and the
-/// squared norms of q's and k's channels), in double, so that the matrix does not depend on the tiling.
+/// squared norms of q's and k's channels), in double, so that the matrix does not depend on the tiling; with
+/// the call's temperature and the type its matrix is used in.
 struct AttentionSums {
-  torch::Tensor qk, q_squares, k_squares;
+  torch::Tensor qk, q_squares, k_squares, temperature;
+  torch::ScalarType dtype = torch::kFloat32;
 
   void add(const AttentionSums& other) {
     TORCH_CHECK(qk.sizes() == other.qk.sizes(), "tdfusion: fuse_tiled: an attention call changed shape between tiles");
@@ -124,23 +126,18 @@ class TiledAttention : public nn::AttentionTiling {
           .reshape({n, heads, c / heads, pixels});
     };
     const torch::Tensor qi = interior(q), ki = interior(k);
-    sums_ = {nn::ops::bmm(qi, ki.transpose(-2, -1)), qi.square().sum(-1), ki.square().sum(-1)};
-    temperature_ = temperature.detach().to(acc);
-    dtype_ = q.scalar_type();
+    sums_ = {nn::ops::bmm(qi, ki.transpose(-2, -1)), qi.square().sum(-1), ki.square().sum(-1),
+             temperature.detach().to(acc), q.scalar_type()};
     throw AttentionPassDone{};
   }
 
   int64_t calls() const { return calls_; }
   const AttentionSums& sums() const { return sums_; }
-  const torch::Tensor& temperature() const { return temperature_; }
-  torch::ScalarType dtype() const { return dtype_; }
 
  private:
   const std::vector<torch::Tensor>& matrices_;  // final matrices of the calls before the accumulated one
   Tile tile_{};
   AttentionSums sums_;
-  torch::Tensor temperature_;
-  torch::ScalarType dtype_ = torch::kFloat32;
   int64_t calls_ = 0;
 };
 
@@ -179,8 +176,6 @@ torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch
   const bool inference = c10::InferenceMode::is_enabled();
   for (;;) {  // one pass per attention call, the last one producing the output
     std::vector<detail::TileResult> results(tiles.size());
-    torch::Tensor temperature;
-    torch::ScalarType dtype = torch::kFloat32;
     auto run = [&](int64_t begin, int64_t end) {
       // The caller's autograd modes hold on every thread (they are thread-local).
       const c10::InferenceMode thread_inference(inference);
@@ -199,7 +194,6 @@ torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch
           out = net->forward_with(params, cut(ir), cut(vi));
         } catch (const detail::AttentionPassDone&) {
           result.sums = hook.sums();
-          if (t == 0) temperature = hook.temperature(), dtype = hook.dtype();
           continue;
         }
         result.completed = true;
@@ -232,7 +226,7 @@ torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch
     detail::AttentionSums total = results.front().sums;
     for (size_t t = 1; t < results.size(); ++t) total.add(results[t].sums);
     matrices.push_back(
-        nn::attention_matrix(total.qk, total.q_squares.sqrt(), total.k_squares.sqrt(), temperature).to(dtype));
+        nn::attention_matrix(total.qk, total.q_squares.sqrt(), total.k_squares.sqrt(), total.temperature).to(total.dtype));
   }
 }
 
