@@ -216,13 +216,14 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
     plain = net->forward(ir, vi);
   }
   CHECK(relative_error(fused, plain) < 1e-5);
-  // The fused kernels alone, at a size whose row bands split the image (and at one of a single row), with
-  // and without the LayerNorm.
-  for (const int64_t height : {int64_t{1}, int64_t{300}}) {
+  // The fused kernels alone, with and without the LayerNorm: on one row, on a narrow image split into bands of
+  // rows, and on one split into tiles both ways, with a last column of tiles narrower than the others.
+  for (const auto& [height, width] : {std::pair<int64_t, int64_t>{1, 21}, {300, 21}, {300, 150}}) {
     for (const bool norm : {true, false}) {
       CAPTURE(height);
+      CAPTURE(width);
       CAPTURE(norm);
-      const torch::Tensor x = torch::randn({2, 8, height, 21});
+      const torch::Tensor x = torch::randn({2, 8, height, width});
       const torch::Tensor lw = norm ? torch::rand({8}) : torch::Tensor(), lb = norm ? torch::randn({8}) : torch::Tensor();
       const torch::Tensor w_in = torch::randn({32, 8, 1, 1}) * 0.3, w_dw = torch::randn({32, 1, 3, 3}) * 0.3;
       const torch::Tensor w_out = torch::randn({8, 16, 1, 1}) * 0.3;

@@ -457,9 +457,10 @@ inline std::vector<torch::Tensor> gelu_gate_backward(const torch::Tensor& dy, co
 namespace detail {
 
 /// dwconv3x3(W_in LN(x)) on a tile of an image, the common start of the fused block kernels. compute(n, tile)
-/// gathers the tile with a one-pixel halo (where the image has one), normalises it (unless ln_w is null: no
-/// LayerNorm) and multiplies by W_in, all in cache-sized buffers; depthwise(plane, dst, stride) then writes
-/// the tile's convolved values of one output plane, row by row, `stride` apart.
+/// gathers the tile with a one-pixel halo, normalises it (unless ln_w is null: no LayerNorm) and multiplies by
+/// W_in, all in cache-sized buffers; depthwise(plane, dst, stride) then writes the tile's convolved values of
+/// one output plane, row by row, `stride` apart. The halo is always there: where it lies outside the image it
+/// holds zeros, which W_in (without bias) keeps zero, so the depthwise convolution reads the buffer directly.
 template <class T>
 class NormPointwiseDepthwiseTile {
  public:
@@ -472,29 +473,38 @@ class NormPointwiseDepthwiseTile {
       : x_(x), channels_(channels), height_(height), width_(width), ln_w_(ln_w), ln_b_(ln_b),
         w_in_t_(w_in, channels, out_channels), w_dw_(w_dw), eps_(eps) {}
 
-  /// The tiles of an image: squares of about 2^18 / out_channels pixels, so the out_channels-wide buffer is
-  /// about 1 MB (the L2 cache; larger tiles measured slower here) and the recomputed halo stays small.
+  /// The tiles of an image: about 2^18 / out_channels pixels each, so the out_channels-wide buffer is about
+  /// 1 MB (the L2 cache; larger tiles measured slower here); nearly square, so the recomputed halo stays small,
+  /// and a whole number of 64-byte vectors wide, so the depthwise rows need no remainder loop.
   static std::vector<Tile> tiles(int64_t height, int64_t width, int64_t out_channels) {
-    const auto side = std::max<int64_t>(
-        8, static_cast<int64_t>(std::sqrt(static_cast<double>((1 << 18) / std::max<int64_t>(1, out_channels)))) - 2);
+    const double area = static_cast<double>((1 << 18) / std::max<int64_t>(1, out_channels));
+    const int64_t lanes = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T)));
+    const int64_t cols = std::max<int64_t>(lanes, std::llround(std::sqrt(area) / lanes) * lanes);
+    const int64_t rows = std::max<int64_t>(8, static_cast<int64_t>(area) / (cols + 2) - 2);
     std::vector<Tile> all;
-    for (int64_t r = 0; r < height; r += side) {
-      for (int64_t c = 0; c < width; c += side) all.push_back({r, std::min(height, r + side), c, std::min(width, c + side)});
+    for (int64_t r = 0; r < height; r += rows) {
+      for (int64_t c = 0; c < width; c += cols) all.push_back({r, std::min(height, r + rows), c, std::min(width, c + cols)});
     }
     return all;
   }
 
   void compute(int64_t n, const Tile& tile) {
     tile_ = tile;
-    a0_ = std::max<int64_t>(0, tile.r0 - 1), a1_ = std::min(height_, tile.r1 + 1);
-    b0_ = std::max<int64_t>(0, tile.c0 - 1), b1_ = std::min(width_, tile.c1 + 1);
-    const int64_t cols = b1_ - b0_, len = (a1_ - a0_) * cols, pixels = height_ * width_;
+    const int64_t rows = tile.r1 - tile.r0 + 2, cols = tile.c1 - tile.c0 + 2, len = rows * cols;
+    const int64_t pixels = height_ * width_;
+    const int64_t b0 = std::max<int64_t>(0, tile.c0 - 1), b1 = std::min(width_, tile.c1 + 1);
     const T* src = x_ + n * channels_ * pixels;
     normed_.resize(len, channels_);
     for (int64_t c = 0; c < channels_; ++c) {
-      for (int64_t r = a0_; r < a1_; ++r) {
-        std::copy(src + c * pixels + r * width_ + b0_, src + c * pixels + r * width_ + b1_,
-                  normed_.col(c).data() + (r - a0_) * cols);
+      T* column = normed_.col(c).data();
+      for (int64_t r = tile.r0 - 1; r <= tile.r1; ++r) {
+        T* row = column + (r - tile.r0 + 1) * cols;
+        if (r < 0 || r >= height_) {
+          std::fill(row, row + cols, T(0));
+          continue;
+        }
+        row[0] = row[cols - 1] = T(0);  // the halo columns outside the image stay zero
+        std::copy(src + c * pixels + r * width_ + b0, src + c * pixels + r * width_ + b1, row + (b0 - tile.c0 + 1));
       }
     }
     if (ln_w_ != nullptr) {
@@ -502,19 +512,19 @@ class NormPointwiseDepthwiseTile {
       for (int64_t c = 0; c < channels_; ++c) {
         normed_.col(c).array() = (normed_.col(c).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
       }
+      clear_outside_image(rows, cols);  // the LayerNorm maps a zero pixel to its bias
     }
     expanded_.noalias() = normed_ * w_in_t_;  // len x out_channels: row-major W_in is its transpose here
   }
 
   void depthwise(int64_t plane, T* dst, int64_t stride) const {
-    const int64_t cols = b1_ - b0_, first = tile_.c0 - b0_, count = tile_.c1 - tile_.c0;
-    PaddedRows<T> window(expanded_.col(plane).data(), a1_ - a0_, cols);
+    const int64_t cols = tile_.c1 - tile_.c0 + 2, count = cols - 2;
     const T* k = w_dw_ + plane * 9;
     const T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
-    for (int64_t r = tile_.r0; r < tile_.r1; ++r) {
-      window.load(r - a0_);  // the buffer holds the halo wherever it lies inside the image; zeros beyond
-      const T *ra = window.row(0) + first, *rb = window.row(1) + first, *rc = window.row(2) + first;
-      T* out = dst + (r - tile_.r0) * stride;
+    const T* above = expanded_.col(plane).data();
+    for (int64_t r = 0; r < tile_.r1 - tile_.r0; ++r, above += cols) {
+      const T *ra = above, *rb = above + cols, *rc = above + 2 * cols;
+      T* out = dst + r * stride;
       _Pragma("omp simd")
       for (int64_t i = 0; i < count; ++i) {
         out[i] = k0 * ra[i] + k1 * ra[i + 1] + k2 * ra[i + 2] + k3 * rb[i] + k4 * rb[i + 1] + k5 * rb[i + 2] +
@@ -524,6 +534,21 @@ class NormPointwiseDepthwiseTile {
   }
 
  private:
+  /// Zeroes the buffer's halo rows and columns that lie outside the image.
+  void clear_outside_image(int64_t rows, int64_t cols) {
+    const bool top = tile_.r0 == 0, bottom = tile_.r1 == height_, left = tile_.c0 == 0, right = tile_.c1 == width_;
+    if (!(top || bottom || left || right)) return;
+    for (int64_t c = 0; c < channels_; ++c) {
+      T* column = normed_.col(c).data();
+      if (top) std::fill(column, column + cols, T(0));
+      if (bottom) std::fill(column + (rows - 1) * cols, column + rows * cols, T(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        if (left) column[r * cols] = T(0);
+        if (right) column[r * cols + cols - 1] = T(0);
+      }
+    }
+  }
+
   const T* x_;
   int64_t channels_, height_, width_;
   const T *ln_w_, *ln_b_;
@@ -531,7 +556,6 @@ class NormPointwiseDepthwiseTile {
   const T* w_dw_;
   double eps_;
   Tile tile_{0, 0, 0, 0};
-  int64_t a0_ = 0, a1_ = 0, b0_ = 0, b1_ = 0;
   ColMatrix<T> normed_, expanded_;
   Array<T> mean_, rstd_;
 };
