@@ -657,15 +657,21 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
           fused.depthwise(c + hidden, gate.data(), cols);
           gated.col(c).array() = detail::gelu(gated.col(c).array()) * gate;
         }
-        projected.noalias() = gated * out_t;  // len x C
+        // The product accumulates onto the residual (len x C), which spares Eigen's zeroing of its output.
         const T* src = xc.data_ptr<T>() + n * channels * pixels;
         T* dst = y.data_ptr<T>() + n * channels * pixels;
+        projected.resize(len, channels);
         for (int64_t c = 0; c < channels; ++c) {
           for (int64_t r = tile.r0; r < tile.r1; ++r) {
-            const int64_t offset = c * pixels + r * width + tile.c0;
-            Eigen::Map<detail::Array<T>>(dst + offset, cols) =
-                Eigen::Map<const detail::Array<T>>(src + offset, cols) +
-                projected.col(c).segment((r - tile.r0) * cols, cols).array();
+            const T* from = src + c * pixels + r * width + tile.c0;
+            std::copy(from, from + cols, projected.col(c).data() + (r - tile.r0) * cols);
+          }
+        }
+        projected.noalias() += gated * out_t;
+        for (int64_t c = 0; c < channels; ++c) {
+          for (int64_t r = tile.r0; r < tile.r1; ++r) {
+            const T* from = projected.col(c).data() + (r - tile.r0) * cols;
+            std::copy(from, from + cols, dst + c * pixels + r * width + tile.c0);
           }
         }
       }
