@@ -151,9 +151,17 @@ struct ConvFunction : torch::autograd::Function<ConvFunction> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &w = saved[1];
+    if (!torch::GradMode::is_enabled()) {  // an ordinary backward pass: LibTorch's gradient kernels, in one call
+      const int64_t pad = w.size(2) / 2;
+      auto [dx, dw, db] = at::convolution_backward(grads[0], x, w, c10::nullopt, {1, 1}, {pad, pad}, {1, 1},
+                                                   /*transposed=*/false, {0, 0}, /*groups=*/1,
+                                                   {ctx->needs_input_grad(0), ctx->needs_input_grad(1), false});
+      return {dx, dw};
+    }
     torch::Tensor dx, dw;
-    if (ctx->needs_input_grad(0)) dx = conv_same_input_grad(grads[0], saved[1]);
-    if (ctx->needs_input_grad(1)) dw = ConvWeightGradFunction::apply(grads[0], saved[0], saved[1].size(2));
+    if (ctx->needs_input_grad(0)) dx = conv_same_input_grad(grads[0], w);
+    if (ctx->needs_input_grad(1)) dw = ConvWeightGradFunction::apply(grads[0], x, w.size(2));
     return {dx, dw};
   }
 };
