@@ -98,6 +98,13 @@ void check_derivatives(const std::string& name, const Op& op, const Tensors& inp
   MESSAGE(name << ": second derivative " << second << " vs " << second_numeric);
   CHECK(std::abs(second) > 1e-8);  // the check would be empty for an op whose second derivative vanishes
   CHECK(std::abs(second - second_numeric) <= 1e-5 * std::max(1.0, std::abs(second_numeric)));
+  // The same second derivative from a recorded backward pass: the differentiable formulas a third one would use.
+  const auto [dot_again, at_again] = grad_dot_v(inputs, /*create_graph=*/true);
+  const Tensors hv_recorded = gradients(dot_again, at_again, {/*retain_graph=*/true, /*create_graph=*/true});
+  for (size_t i = 0; i < hv.size(); ++i) {
+    INFO("recorded second derivative of input " << i);
+    CHECK(relative_error(hv_recorded[i], hv[i]) < 1e-10);
+  }
 }
 
 /// The op's inputs at an odd size, and a channel split of a wider tensor (strided views, as the networks pass).
