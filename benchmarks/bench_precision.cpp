@@ -4,7 +4,7 @@
 //
 // BM_DotProductRate: the multiply-add rate of one core's register-only loop of AVX-512 FP32 FMAs
 //   (vfmadd231ps, 16 multiply-adds each) and of AVX512-BF16 dot products (vdpbf16ps, 32 each): the hardware
-//   ceiling of each precision (counter GMAC/s; skipped where the CPU lacks AVX512-BF16).
+//   ceiling of each precision (counter GMAC/s; skipped where the CPU lacks AVX-512 or AVX512-BF16).
 // BM_Conv: the convolutions of ReFusion's decoder on an S x S image, FP32 on tdfusion's inference path (the
 //   1x1 on the Eigen kernel, the 3x3 on oneDNN) against BF16 tensors on LibTorch's oneDNN BF16 kernels
 //   (the conversions to and from BF16 not counted). Counters: GFLOP/s; Bf16OverFp32, the FP32 time over the
@@ -71,8 +71,8 @@ __attribute__((target("avx512f,avx512bf16"))) float bf16_dot_loop(int64_t iterat
 }
 
 void BM_DotProductRate(benchmark::State& state, bool bf16) {
-  if (bf16 && !__builtin_cpu_supports("avx512bf16")) {
-    state.SkipWithError("this CPU has no AVX512-BF16");
+  if (!__builtin_cpu_supports("avx512f") || (bf16 && !__builtin_cpu_supports("avx512bf16"))) {
+    state.SkipWithError(bf16 ? "this CPU has no AVX512-BF16" : "this CPU has no AVX-512");
     return;
   }
   const int64_t iterations = 10'000'000;

@@ -11,8 +11,9 @@
 // For inference (no gradient wanted) a transformer block runs two fused kernels instead, LayerNorm + 1x1 +
 // depthwise convolution before the attention and the whole feed-forward half, over cache-sized tiles processed
 // in parallel. Dense convolutions keep LibTorch's oneDNN kernels, which outran an im2col + Eigen GEMM version
-// here (see README, Performance); conv_same only rewrites their backward, because LibTorch 1.13 differentiates a
-// convolution's gradient through a transposed convolution that runs as a single-threaded im2col + netlib GEMM.
+// here (see README, Performance); conv_same only rewrites their recorded backward (an ordinary one stays
+// LibTorch's), because LibTorch 1.13 differentiates a convolution's gradient through a transposed convolution
+// that runs as a single-threaded im2col + netlib GEMM.
 // FastKernels(false) switches the fast path off (for comparisons: the tests and benchmarks measure against it).
 
 #include "tdfusion/nn/kernels/cpu.hpp"
