@@ -83,13 +83,7 @@ void BM_Kernel(benchmark::State& state, const std::string& name, bool fast, Mode
     return gradients((dw * dw).sum(), {inputs.front()}).front().sum();
   };
   run();  // warm-up
-  double seconds = 0;
-  for (auto _ : state) {
-    const auto start = std::chrono::steady_clock::now();
-    benchmark::DoNotOptimize(run());
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  }
-  seconds /= static_cast<double>(state.iterations());
+  const double seconds = bench::mean_seconds(state, [&] { benchmark::DoNotOptimize(run()); });
   const double flop =
       2.0 * static_cast<double>(kernel.multiply_adds_per_pixel * side * side) * (mode == Mode::train ? 3.0 : 1.0);
   if (flop > 0 && mode != Mode::meta) state.counters["GFLOP/s"] = flop / seconds / 1e9;

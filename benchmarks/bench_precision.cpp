@@ -27,7 +27,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -90,14 +89,8 @@ std::map<std::pair<std::string, int64_t>, double>& fp32_seconds() {
 /// Times `run` (after one warm-up call), records an FP32 time or reports a BF16 run's Bf16OverFp32.
 template <class Run>
 double timed(benchmark::State& state, const std::string& name, bool bf16, const Run& run) {
-  run();
-  double seconds = 0;
-  for (auto _ : state) {
-    const auto start = std::chrono::steady_clock::now();
-    benchmark::DoNotOptimize(run());
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  }
-  seconds /= static_cast<double>(state.iterations());
+  run();  // warm-up
+  const double seconds = bench::mean_seconds(state, [&] { benchmark::DoNotOptimize(run()); });
   const auto key = std::make_pair(name, state.range(0));
   if (!bf16) fp32_seconds()[key] = seconds;
   const auto fp32 = fp32_seconds().find(key);

@@ -19,7 +19,6 @@
 
 #include <tdfusion/tdfusion.hpp>
 
-#include <chrono>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -62,15 +61,9 @@ template <class Step>
 double timed(benchmark::State& state, const std::string& kind, const std::string& net, const Step& step) {
   const bool fast = state.range(1) != 0;
   const nn::ops::FastKernels mode(fast);
-  step();
-  double seconds = 0.0;
+  step();  // warm-up
   const int64_t before = nn::kernels::multiply_adds().load();
-  for (auto _ : state) {
-    const auto start = std::chrono::steady_clock::now();
-    step();
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  }
-  seconds /= static_cast<double>(state.iterations());
+  const double seconds = bench::mean_seconds(state, step);
   if (fast) {
     const double multiply_adds = static_cast<double>(nn::kernels::multiply_adds().load() - before);
     state.counters["GFLOP/s"] = 2.0 * multiply_adds / static_cast<double>(state.iterations()) / seconds / 1e9;
