@@ -1,6 +1,6 @@
 #pragma once
-// The main function of the benchmark programs and their timing loop: every core, freed memory kept for reuse (as the tdfusion command
-// runs), LibTorch's thread count in the report's context.
+// The main function of the benchmark programs and their timing loop: every core, freed memory kept for reuse
+// (as the tdfusion command runs), LibTorch's thread count in the report's context.
 #include <benchmark/benchmark.h>
 
 #include <tdfusion/core/runtime.hpp>
