@@ -18,6 +18,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include <tdfusion/data/paired_folder.hpp>
 #include <tdfusion/fusion/fuse_images.hpp>
 #include <tdfusion/fusion/refusion.hpp>
 #include <tdfusion/io/image.hpp>
@@ -98,15 +99,14 @@ double timed(benchmark::State& state, const std::string& name, bool bf16, const 
   return seconds;
 }
 
-void BM_Conv(benchmark::State& state, int64_t in, int64_t out, int64_t kernel, bool bf16) {
+void BM_Conv(benchmark::State& state, const std::string& shape, int64_t in, int64_t out, int64_t kernel, bool bf16) {
   const int64_t side = state.range(0);
   torch::manual_seed(0);
   const auto type = bf16 ? torch::kBFloat16 : torch::kFloat;
   const torch::Tensor x = torch::randn({1, in, side, side}).to(type);
   const torch::Tensor w = (torch::randn({out, in, kernel, kernel}) * 0.1).to(type);
   const c10::InferenceMode inference;
-  const std::string name = std::to_string(in) + "to" + std::to_string(out) + "k" + std::to_string(kernel);
-  const double seconds = timed(state, name, bf16, [&] {
+  const double seconds = timed(state, shape, bf16, [&] {
     if (bf16) return torch::conv2d(x, w, {}, 1, kernel / 2);
     return kernel == 1 ? nn::ops::conv1x1(x, w) : nn::ops::conv_same(x, w);
   });
@@ -120,17 +120,14 @@ fusion::ReFusion released_refusion(const std::string& weights, bool bf16) {
   return net;
 }
 
-/// The largest metric and 8-bit level changes from FP32 to BF16 over the first `count` pairs of `msrs`.
-void report_metric_changes(benchmark::State& state, const std::string& weights, const std::string& msrs, int count) {
-  fusion::ReFusion fp32 = released_refusion(weights, false), bf16 = released_refusion(weights, true);
-  std::vector<fs::path> names;
-  for (const auto& entry : fs::directory_iterator(msrs + "/ir")) names.push_back(entry.path().filename());
-  std::sort(names.begin(), names.end());
-  names.resize(std::min<size_t>(names.size(), static_cast<size_t>(count)));
+/// The largest metric and 8-bit level changes from `fp32` to `bf16` over the first `count` pairs of `msrs`.
+void report_metric_changes(benchmark::State& state, fusion::ReFusion& fp32, fusion::ReFusion& bf16,
+                           const std::string& msrs, size_t count) {
+  std::vector<data::PairPaths> pairs = data::match_pairs(msrs + "/ir", msrs + "/vi", "MSRS");
+  pairs.resize(std::min(pairs.size(), count));
   double worst = 0, worst_relative = 0, worst_level = 0;
-  for (const fs::path& name : names) {
-    const torch::Tensor ir = io::read_image((fs::path(msrs) / "ir" / name).string());
-    const torch::Tensor vi = io::read_image((fs::path(msrs) / "vi" / name).string());
+  for (const data::PairPaths& pair : pairs) {
+    const torch::Tensor ir = io::read_image(pair.ir), vi = io::read_image(pair.vi);
     const Eigen::ArrayXXd ir8 = metrics::to_grey8(ir), vi8 = metrics::to_grey8(vi);
     const Eigen::ArrayXXd a = metrics::to_grey8(fusion::fuse_images(fp32, ir, vi));
     const Eigen::ArrayXXd b = metrics::to_grey8(fusion::fuse_images(bf16, ir, vi));
@@ -158,7 +155,10 @@ void BM_Fuse(benchmark::State& state, bool bf16) {
   fusion::ReFusion net = released_refusion(weights, bf16);
   const torch::Tensor ir = io::read_image(msrs + "/ir/00004N.png"), vi = io::read_image(msrs + "/vi/00004N.png");
   timed(state, "fuse", bf16, [&] { return fusion::fuse_images(net, ir, vi); });
-  if (bf16) report_metric_changes(state, weights, msrs, 10);
+  if (bf16) {
+    fusion::ReFusion fp32 = released_refusion(weights, false);
+    report_metric_changes(state, fp32, net, msrs, 10);
+  }
 }
 
 void register_all() {
@@ -167,10 +167,11 @@ void register_all() {
         ->Unit(benchmark::kMillisecond)->UseRealTime();
   }
   for (const auto& [in, out, kernel] : {std::tuple<int64_t, int64_t, int64_t>{32, 170, 1}, {32, 16, 3}}) {
+    const std::string shape = std::to_string(in) + "to" + std::to_string(out) + "_" + std::to_string(kernel) + "x" +
+                              std::to_string(kernel);
     for (const bool bf16 : {false, true}) {  // FP32 first, so that the BF16 run finds its reference
-      const std::string label = "BM_Conv/" + std::to_string(in) + "to" + std::to_string(out) + "_" +
-                                std::to_string(kernel) + "x" + std::to_string(kernel) + (bf16 ? "/bf16" : "/fp32");
-      benchmark::RegisterBenchmark(label.c_str(), BM_Conv, in, out, kernel, bf16)
+      const std::string label = "BM_Conv/" + shape + (bf16 ? "/bf16" : "/fp32");
+      benchmark::RegisterBenchmark(label.c_str(), BM_Conv, shape, in, out, kernel, bf16)
           ->Arg(256)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
     }
   }
