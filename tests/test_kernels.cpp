@@ -1,5 +1,5 @@
-// The fast CPU kernels: agreement with the plain LibTorch ops (float), and first and second derivatives against
-// central finite differences (double), for every op; the fast path of the whole fusion network.
+// The fast CPU kernels: agreement with the plain LibTorch ops to second order (float), and first and second
+// derivatives against central finite differences (double), for every op; the fast path of the whole fusion network.
 #include <doctest/doctest.h>
 
 #include "tdfusion/fusion/refusion.hpp"
@@ -28,27 +28,40 @@ Tensors leaves(const Tensors& values) {
   return out;
 }
 
-/// The op and the gradient of sum(op * r) with respect to every input, fast or plain.
-std::pair<torch::Tensor, Tensors> value_and_grads(const Op& op, const Tensors& inputs, const torch::Tensor& r,
-                                                  bool fast) {
+/// What the fast and plain paths must agree on: the op, the gradient of L = sum(op * r) with respect to every
+/// input, and the derivative of <that gradient, v> (a Hessian-vector product, as in the meta step).
+struct Derivatives {
+  torch::Tensor value;
+  Tensors gradient, hessian_v;
+};
+
+Derivatives derivatives(const Op& op, const Tensors& inputs, const torch::Tensor& r, const Tensors& v, bool fast) {
   const ops::FastKernels mode(fast);
   const Tensors x = leaves(inputs);
   const torch::Tensor y = op(x);
-  return {y.detach(), gradients((y * r).sum(), x)};
+  const Tensors g = gradients((y * r).sum(), x, {/*retain_graph=*/true, /*create_graph=*/true});
+  torch::Tensor dot = torch::zeros({});
+  for (size_t i = 0; i < g.size(); ++i) dot = dot + (g[i] * v[i]).sum();
+  Tensors detached;
+  for (const auto& t : g) detached.push_back(t.detach());
+  return {y.detach(), detached, gradients(dot, x)};
 }
 
-/// Fast against plain in float: output and first-order gradients within 1e-5 of the tensors' scale.
+/// Fast against plain in float: output, first-order gradients and Hessian-vector products within 1e-5 of the
+/// tensors' scale.
 void check_agreement(const std::string& name, const Op& op, const Tensors& inputs) {
   torch::manual_seed(7);
-  const torch::Tensor probe = op(inputs);
-  const torch::Tensor r = torch::randn(probe.sizes());
-  const auto [fast_y, fast_g] = value_and_grads(op, inputs, r, true);
-  const auto [plain_y, plain_g] = value_and_grads(op, inputs, r, false);
+  const torch::Tensor r = torch::randn(op(inputs).sizes());
+  Tensors v;
+  for (const auto& t : inputs) v.push_back(torch::randn(t.sizes()));
+  const Derivatives fast = derivatives(op, inputs, r, v, true);
+  const Derivatives plain = derivatives(op, inputs, r, v, false);
   INFO(name);
-  CHECK(relative_error(fast_y, plain_y) < 1e-5);
+  CHECK(relative_error(fast.value, plain.value) < 1e-5);
   for (size_t i = 0; i < inputs.size(); ++i) {
-    INFO("gradient of input " << i);
-    CHECK(relative_error(fast_g[i], plain_g[i]) < 1e-5);
+    INFO("input " << i);
+    CHECK(relative_error(fast.gradient[i], plain.gradient[i]) < 1e-5);
+    CHECK(relative_error(fast.hessian_v[i], plain.hessian_v[i]) < 1e-5);
   }
 }
 
@@ -163,7 +176,7 @@ TEST_CASE("a projection folded into channel attention equals the 1x1 convolution
                        doctest::Contains("attention projection must be 6 x 6 x 1 x 1"), c10::Error);
 }
 
-TEST_CASE("fast CPU kernels agree with the plain LibTorch ops to 1e-5 (values and gradients, float)") {
+TEST_CASE("fast CPU kernels agree with the plain LibTorch ops to 1e-5 (values, first and second derivatives, float)") {
   for (const Case& c : cases()) check_agreement(c.name, c.op, c.inputs);
 }
 

@@ -9,7 +9,7 @@
 //   depthwise3x3         depthwise 3x3 convolution, stride 1, zero padding 1 (vectorised rows)
 //   depthwise3x3_weight_grad  its weight gradient sum_n,p dy[c, p] x[c, p + k]
 //   channel_layer_norm   per-pixel LayerNorm over channels (biased variance), and its first-order backward
-//   gelu_gate            gelu(a) * b with the exact (erf) GELU, and its first-order backward
+//   gelu_gate            gelu(a) * b with the exact (erf) GELU, its backward and the backward of that
 //   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
 //   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over cache-sized tiles (inference only)
 //                        (both also without the LayerNorm, as in ReFusion's fusion module)
@@ -396,31 +396,63 @@ inline std::vector<torch::Tensor> channel_layer_norm_backward(const torch::Tenso
 namespace detail {
 inline constexpr int64_t kElementBlock = 16384;  ///< elements per work item of the elementwise kernels
 
-/// gelu(x) = x / 2 (1 + erf(x / sqrt 2)) on an array expression (Eigen's vectorised erf for float).
+/// Elementwise kernel scaffolding: `outputs` new contiguous tensors of the inputs' (common, 4-D) shape, filled by
+/// fn(in, out) over blocks of every image, where in(i) and out(j) are Eigen arrays of the block of input i
+/// (block-contiguous, or made so) and output j.
+template <class T, class Fn>
+std::vector<torch::Tensor> elementwise(const char* kernel, std::vector<torch::Tensor> inputs, size_t outputs,
+                                       const Fn& fn) {
+  for (torch::Tensor& t : inputs) {
+    TORCH_CHECK(t.dim() == 4 && t.sizes() == inputs[0].sizes(), "tdfusion: ", kernel, " kernel got shapes ",
+                inputs[0].sizes(), " and ", t.sizes());
+    if (!block_contiguous(t)) t = t.contiguous();
+  }
+  const torch::Tensor& first = inputs[0];
+  const int64_t batch = first.size(0), per_image = first.size(1) * first.size(2) * first.size(3);
+  std::vector<torch::Tensor> out;
+  for (size_t j = 0; j < outputs; ++j) {
+    out.push_back(torch::empty(first.sizes(), first.options().memory_format(torch::MemoryFormat::Contiguous)));
+  }
+  pixel_blocks(batch, per_image, kElementBlock, [&](int64_t n, int64_t p0, int64_t p1) {
+    auto in = [&](size_t i) {
+      return Eigen::Map<const Array<T>>(inputs[i].data_ptr<T>() + n * inputs[i].stride(0) + p0, p1 - p0);
+    };
+    auto result = [&](size_t j) { return Eigen::Map<Array<T>>(out[j].data_ptr<T>() + n * per_image + p0, p1 - p0); };
+    fn(in, result);
+  });
+  return out;
+}
+
+/// Phi(x), the standard normal distribution function (Eigen's vectorised erf for float).
+template <class E>
+auto normal_cdf(const E& x) {
+  using T = typename E::Scalar;
+  return T(0.5) * (T(1) + (x * T(M_SQRT1_2)).erf());
+}
+
+/// gelu(x) = x Phi(x), the exact GELU.
 template <class E>
 auto gelu(const E& x) {
+  return x * normal_cdf(x);
+}
+
+/// phi(x), the standard normal density.
+template <class E>
+auto normal_pdf(const E& x) {
   using T = typename E::Scalar;
-  return x * T(0.5) * (T(1) + (x * T(M_SQRT1_2)).erf());
+  return T(0.3989422804014327) * (T(-0.5) * x.square()).exp();
 }
 }  // namespace detail
 
 /// gelu(a) * b elementwise; a and b N x C x H x W of the same shape, each block-contiguous.
 inline torch::Tensor gelu_gate(const torch::Tensor& a, const torch::Tensor& b) {
   RECORD_FUNCTION("tdfusion::gelu_gate", std::vector<c10::IValue>());
-  TORCH_CHECK(a.sizes() == b.sizes() && a.dim() == 4, "tdfusion: gelu_gate kernel got ", a.sizes(), " and ", b.sizes());
-  const int64_t batch = a.size(0), per_image = a.size(1) * a.size(2) * a.size(3);
-  const torch::Tensor ac = detail::block_contiguous(a) ? a : a.contiguous();
-  const torch::Tensor bc = detail::block_contiguous(b) ? b : b.contiguous();
-  torch::Tensor y = torch::empty(a.sizes(), a.options().memory_format(torch::MemoryFormat::Contiguous));
+  torch::Tensor y;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate", [&] {
     using T = scalar_t;
-    using ConstRow = Eigen::Map<const detail::Array<T>>;
-    using Row = Eigen::Map<detail::Array<T>>;
-    detail::pixel_blocks(batch, per_image, detail::kElementBlock, [&](int64_t n, int64_t p0, int64_t p1) {
-      const ConstRow x(ac.data_ptr<T>() + n * ac.stride(0) + p0, p1 - p0);
-      Row(y.data_ptr<T>() + n * per_image + p0, p1 - p0) =
-          detail::gelu(x) * ConstRow(bc.data_ptr<T>() + n * bc.stride(0) + p0, p1 - p0);
-    });
+    y = detail::elementwise<T>("gelu_gate", {a, b}, 1, [](const auto& in, const auto& out) {
+      out(0) = detail::gelu(in(0)) * in(1);
+    })[0];
   });
   return y;
 }
@@ -429,29 +461,40 @@ inline torch::Tensor gelu_gate(const torch::Tensor& a, const torch::Tensor& b) {
 inline std::vector<torch::Tensor> gelu_gate_backward(const torch::Tensor& dy, const torch::Tensor& a,
                                                      const torch::Tensor& b) {
   RECORD_FUNCTION("tdfusion::gelu_gate_backward", std::vector<c10::IValue>());
-  const int64_t batch = a.size(0), per_image = a.size(1) * a.size(2) * a.size(3);
-  const torch::Tensor ac = detail::block_contiguous(a) ? a : a.contiguous();
-  const torch::Tensor bc = detail::block_contiguous(b) ? b : b.contiguous();
-  const torch::Tensor gc = detail::block_contiguous(dy) ? dy : dy.contiguous();
-  const auto contiguous = a.options().memory_format(torch::MemoryFormat::Contiguous);
-  torch::Tensor da = torch::empty(a.sizes(), contiguous), db = torch::empty(a.sizes(), contiguous);
+  std::vector<torch::Tensor> d;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate_backward", [&] {
     using T = scalar_t;
-    using ConstRow = Eigen::Map<const detail::Array<T>>;
-    using Row = Eigen::Map<detail::Array<T>>;
-    const T inv_sqrt_2pi = static_cast<T>(0.3989422804014327);
-    detail::pixel_blocks(batch, per_image, detail::kElementBlock, [&](int64_t n, int64_t p0, int64_t p1) {
-      const int64_t len = p1 - p0;
-      const ConstRow x(ac.data_ptr<T>() + n * ac.stride(0) + p0, len);
-      const ConstRow g(gc.data_ptr<T>() + n * gc.stride(0) + p0, len);
-      const ConstRow gate(bc.data_ptr<T>() + n * bc.stride(0) + p0, len);
-      const detail::Array<T> cdf = T(0.5) * (T(1) + (x * T(M_SQRT1_2)).erf());
-      Row(db.data_ptr<T>() + n * per_image + p0, len) = g * x * cdf;
-      Row(da.data_ptr<T>() + n * per_image + p0, len) =
-          g * gate * (cdf + x * inv_sqrt_2pi * (T(-0.5) * x.square()).exp());
+    d = detail::elementwise<T>("gelu_gate_backward", {dy, a, b}, 2, [](const auto& in, const auto& out) {
+      const auto g = in(0), x = in(1);
+      const detail::Array<T> cdf = detail::normal_cdf(x);
+      out(0) = g * in(2) * (cdf + x * detail::normal_pdf(x));
+      out(1) = g * x * cdf;
     });
   });
-  return {da, db};
+  return d;
+}
+
+/// Backward of gelu_gate_backward: for the gradients (gda, gdb) of its outputs, (d dy, d a, d b) =
+/// (gda b gelu'(a) + gdb gelu(a), dy (gda b gelu''(a) + gdb gelu'(a)), gda dy gelu'(a)),
+/// gelu''(x) = phi(x) (2 - x^2). The meta step's outer pass runs it once per gate instead of a dozen LibTorch ops.
+inline std::vector<torch::Tensor> gelu_gate_double_backward(const torch::Tensor& gda, const torch::Tensor& gdb,
+                                                            const torch::Tensor& dy, const torch::Tensor& a,
+                                                            const torch::Tensor& b) {
+  RECORD_FUNCTION("tdfusion::gelu_gate_double_backward", std::vector<c10::IValue>());
+  std::vector<torch::Tensor> d;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate_double_backward", [&] {
+    using T = scalar_t;
+    d = detail::elementwise<T>("gelu_gate_double_backward", {gda, gdb, dy, a, b}, 3,
+                               [](const auto& in, const auto& out) {
+      const auto gda = in(0), gdb = in(1), g = in(2), x = in(3), gate = in(4);
+      const detail::Array<T> cdf = detail::normal_cdf(x), pdf = detail::normal_pdf(x);
+      const detail::Array<T> slope = cdf + x * pdf, gda_gate = gda * gate;
+      out(0) = gda_gate * slope + gdb * x * cdf;
+      out(1) = g * (gda_gate * pdf * (T(2) - x.square()) + gdb * slope);
+      out(2) = gda * g * slope;
+    });
+  });
+  return d;
 }
 
 namespace detail {

@@ -5,9 +5,10 @@
 // differentiable to any order:
 //   linear ops (bmm, depthwise3x3, conv_same) write their backward with the same fast ops (the weight gradient
 //   of a convolution is itself a differentiable op whose backward is again made of convolutions);
-//   channel_layer_norm and gelu_gate use a fused kernel for an ordinary backward pass and, when the backward
-//   pass itself is recorded (create_graph, as in the meta step's inner step), differentiable LibTorch ops for
-//   the same gradient.
+//   channel_layer_norm uses a fused kernel for an ordinary backward pass and, when the backward pass itself is
+//   recorded (create_graph, as in the meta step's inner step), differentiable LibTorch ops for the same
+//   gradient; gelu_gate's recorded backward is itself a function of that kind (a fused kernel for the meta
+//   step's outer pass, differentiable ops for a third derivative).
 // For inference (no gradient wanted) a transformer block runs two fused kernels instead, LayerNorm + 1x1 +
 // depthwise convolution before the attention and the whole feed-forward half, over cache-sized tiles processed
 // in parallel. Dense convolutions keep LibTorch's oneDNN kernels, which outran an im2col + Eigen GEMM version
@@ -200,6 +201,28 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   }
 };
 
+/// (da, db) = (dy b gelu'(a), dy gelu(a)), the gradient of y = gelu(a) * b: gelu_gate's recorded backward as one
+/// function, whose own backward is one fused kernel (LibTorch's GELU derivatives computed erf several times over).
+struct GeluGateBackwardFunction : torch::autograd::Function<GeluGateBackwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const torch::Tensor& dy, const torch::Tensor& a,
+                               const torch::Tensor& b) {
+    ctx->save_for_backward({dy, a, b});
+    return kernels::gelu_gate_backward(dy, a, b);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor &g = saved[0], &a = saved[1], &b = saved[2];
+    const torch::Tensor gda = grads[0].defined() ? grads[0] : torch::zeros_like(a);
+    const torch::Tensor gdb = grads[1].defined() ? grads[1] : torch::zeros_like(a);
+    if (!torch::GradMode::is_enabled()) return kernels::gelu_gate_double_backward(gda, gdb, g, a, b);
+    // Recorded: the same gradient from differentiable ops.
+    const torch::Tensor cdf = 0.5 * (1 + torch::erf(a * M_SQRT1_2));
+    const torch::Tensor pdf = 0.3989422804014327 * torch::exp(-0.5 * a.square());
+    const torch::Tensor slope = cdf + a * pdf, gda_gate = gda * b;
+    return {gda_gate * slope + gdb * a * cdf, g * (gda_gate * pdf * (2 - a.square()) + gdb * slope), gda * g * slope};
+  }
+};
+
 struct GeluGateFunction : torch::autograd::Function<GeluGateFunction> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
     ctx->save_for_backward({a, b});
@@ -208,12 +231,8 @@ struct GeluGateFunction : torch::autograd::Function<GeluGateFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const torch::Tensor &a = saved[0], &b = saved[1], &g = grads[0];
-    if (!torch::GradMode::is_enabled()) {
-      std::vector<torch::Tensor> d = kernels::gelu_gate_backward(g, a, b);
-      return {d[0], d[1]};
-    }
-    // Recorded backward: LibTorch's fused (and differentiable) GELU derivative, as autograd of gelu(a) * b has.
-    return {at::gelu_backward(g * b, a), g * torch::gelu(a)};
+    if (!torch::GradMode::is_enabled()) return kernels::gelu_gate_backward(g, a, b);
+    return GeluGateBackwardFunction::apply(g, a, b);
   }
 };
 
