@@ -7,6 +7,7 @@
 #include "tdfusion/nn/kernels/ops.hpp"
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -58,6 +59,14 @@ void check_agreement(const std::string& name, const Op& op, const Tensors& input
   const Derivatives plain = derivatives(op, inputs, r, v, false);
   INFO(name);
   CHECK(relative_error(fast.value, plain.value) < 1e-5);
+  {  // The op's graph dies with its output: no node keeps itself alive (as a tensor in its own saved_data would).
+    const Tensors x = leaves(inputs);
+    torch::Tensor y = op(x);
+    const std::weak_ptr<torch::autograd::Node> node = y.grad_fn();
+    REQUIRE_FALSE(node.expired());
+    y.reset();
+    CHECK(node.expired());
+  }
   for (size_t i = 0; i < inputs.size(); ++i) {
     INFO("input " << i);
     CHECK(relative_error(fast.gradient[i], plain.gradient[i]) < 1e-5);
@@ -120,6 +129,8 @@ void check_derivatives(const std::string& name, const Op& op, const Tensors& inp
   }
 }
 
+torch::Tensor cosine_gram(const Tensors& t) { return ops::cosine_gram(t[0], t[1]); }
+
 /// The op's inputs at an odd size, and a channel split of a wider tensor (strided views, as the networks pass).
 struct Case {
   std::string name;
@@ -152,6 +163,7 @@ std::vector<Case> cases() {
                  {torch::randn({2, 3, 4, 6}), torch::randn({2, 3, 6, 5})}});
   all.push_back({"bmm with a transposed operand (a Gram matrix)",
                  [](const Tensors& t) { return ops::bmm(t[0], t[0].transpose(-1, -2)); }, {torch::randn({2, 3, 4, 50})}});
+  all.push_back({"cosine_gram", cosine_gram, {torch::randn({2, 3, 4, 40}), torch::randn({2, 3, 2, 40})}});
   all.push_back({"channel attention",
                  [](const Tensors& t) { return nn::channel_attention(t[0], t[1], t[2], t[3], 2); },
                  {torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}), torch::randn({2, 4, 5, 6}),
@@ -182,6 +194,14 @@ TEST_CASE("fast CPU kernels agree with the plain LibTorch ops to 1e-5 (values, f
 
 TEST_CASE("fast CPU kernels: first and second derivatives match central finite differences (double)") {
   for (const Case& c : cases()) check_derivatives(c.name, c.op, c.inputs);
+}
+
+TEST_CASE("cosine_gram clamps the norms of short rows as F.normalize does, to second order") {
+  // A row of norm 4e-14 < 1e-12 (its clamped norm is constant) next to ordinary rows; finite differences
+  // would cross the clamp, so the plain composition is the reference.
+  torch::manual_seed(6);
+  const torch::Tensor q = torch::cat({torch::randn({2, 3, 3, 40}), torch::full({2, 3, 1, 40}, 1e-14)}, 2);
+  check_agreement("cosine_gram with a clamped row", cosine_gram, {q, torch::randn({2, 3, 2, 40})});
 }
 
 TEST_CASE("bmm splits long products over the summed dimension and still agrees with matmul") {

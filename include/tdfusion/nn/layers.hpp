@@ -110,12 +110,11 @@ class AttentionTiling {
 };
 
 /// The attention matrix softmax(normalise(q) normalise(k)^T * t) of Restormer's channel attention, from the
-/// Gram matrix S = q k^T of the raw rows and their L2 norms: softmax(S / (max(|q|, eps) max(|k|, eps)^T) * t),
-/// eps = 1e-12 as in F.normalize. gram: ... x d x d; norms: ... x d; temperature broadcasts against gram.
+/// Gram matrix S = q k^T of the raw rows and their L2 norms (ops::normalised_gram), for a caller that sums them
+/// itself (a tiled pass). gram: ... x d x d; norms: ... x d; temperature broadcasts against gram.
 inline torch::Tensor attention_matrix(const torch::Tensor& gram, const torch::Tensor& q_norm, const torch::Tensor& k_norm,
                                       const torch::Tensor& temperature) {
-  const torch::Tensor scale = q_norm.clamp_min(1e-12).unsqueeze(-1) * k_norm.clamp_min(1e-12).unsqueeze(-2);
-  return torch::softmax(gram / scale * temperature, -1);
+  return torch::softmax(ops::normalised_gram(gram, q_norm, k_norm) * temperature, -1);
 }
 
 /// The per-head attention matrices attn (N x heads x d x d) applied to v (N x C x H x W, C = heads d), followed
@@ -134,7 +133,7 @@ inline torch::Tensor attend_values(const torch::Tensor& attn, const torch::Tenso
 
 /// Transposed ("channel") attention of Restormer: q and k are L2-normalised along the pixels and the
 /// attention matrix is (C/heads) x (C/heads), so the cost grows linearly with the pixel count. The long
-/// normalised q and k are never formed: the small Gram matrix is normalised instead (attention_matrix).
+/// normalised q and k are never formed: the small Gram matrix is normalised instead (ops::cosine_gram).
 /// q, k, v: N x C x H x W; temperature: heads x 1 x 1; projection: the following bias-free 1x1 convolution's
 /// weight (C x C x 1 x 1), folded into the attention (attend_values), or undefined. Returns N x C x H x W.
 inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -148,7 +147,7 @@ inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tens
   } else {
     const torch::Tensor qh = q.reshape({n, heads, c / heads, h * w});
     const torch::Tensor kh = k.reshape({n, heads, c / heads, h * w});
-    attn = attention_matrix(ops::bmm(qh, kh.transpose(-2, -1)), qh.norm(2, {-1}), kh.norm(2, {-1}), temperature);
+    attn = torch::softmax(ops::cosine_gram(qh, kh) * temperature, -1);
   }
   return attend_values(attn, v, projection);
 }

@@ -5,7 +5,7 @@
 // them in autograd functions. Every kernel takes and returns plain NCHW tensors of float or double.
 //
 //   bmm                  C[i, j] = A[i, j] B[i, j] over two batch dimensions; operands row- or column-major
-//                        (1x1 convolutions, channel attention and their gradients)
+//                        (1x1 convolutions, channel attention and their gradients); bmm_accumulate: C += A B
 //   depthwise3x3         depthwise 3x3 convolution, stride 1, zero padding 1 (vectorised rows)
 //   depthwise3x3_weight_grad  its weight gradient sum_n,p dy[c, p] x[c, p + k]
 //   channel_layer_norm   per-pixel LayerNorm over channels (biased variance), and its first-order backward
@@ -86,19 +86,22 @@ inline bool matrix_layout_ok(const torch::Tensor& t) {
 /// Whether bmm can read `t` (4-D, each matrix row- or column-major; other tensors need .contiguous()).
 inline bool bmm_readable(const torch::Tensor& t) { return detail::matrix_layout_ok(t); }
 
-/// a: B1 x B2 x M x K, b: B1 x B2 x K x N (batch strides may be 0, as after expand) -> contiguous B1 x B2 x M x N.
-/// Work is split over batch entries and output columns, or, for small outputs of long products (Gram
-/// matrices, weight gradients), over the summed dimension with per-chunk partial products.
-inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
-  RECORD_FUNCTION("tdfusion::bmm", std::vector<c10::IValue>());
+namespace detail {
+
+/// c = a b, or c += a b when `accumulate` (c contiguous B1 x B2 x M x N; see bmm).
+inline void bmm_into(torch::Tensor& c, const torch::Tensor& a, const torch::Tensor& b, bool accumulate) {
   TORCH_CHECK(a.dim() == 4 && b.dim() == 4 && a.size(0) == b.size(0) && a.size(1) == b.size(1) && a.size(3) == b.size(2),
               "tdfusion: bmm kernel got shapes ", a.sizes(), " and ", b.sizes());
   TORCH_CHECK(bmm_readable(a) && bmm_readable(b), "tdfusion: bmm kernel needs row- or column-major matrices");
   const int64_t b1 = a.size(0), b2 = a.size(1), m = a.size(2), k = a.size(3), n = b.size(3);
+  TORCH_CHECK(c.is_contiguous() && c.sizes() == torch::IntArrayRef({b1, b2, m, n}) &&
+                  c.scalar_type() == a.scalar_type(),
+              "tdfusion: bmm kernel cannot write its ", b1, " x ", b2, " x ", m, " x ", n, " product into ", c.sizes());
   multiply_adds() += b1 * b2 * m * n * k;
-  torch::Tensor c = torch::empty({b1, b2, m, n}, a.options().memory_format(torch::MemoryFormat::Contiguous));
-  if (c.numel() == 0) return c;
-  if (k == 0) return c.zero_();
+  if (c.numel() == 0 || k == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_bmm", [&] {
     using T = scalar_t;
     const T* pa = a.data_ptr<T>();
@@ -112,7 +115,13 @@ inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
       Eigen::Map<detail::RowMatrix<T>, 0, Eigen::OuterStride<>> dst(out, m, j1 - j0, Eigen::OuterStride<>(out_stride));
       detail::with_matrix(a_at(i) + k0 * a.stride(3), m, k1 - k0, a.stride(2), a.stride(3), [&](const auto& lhs) {
         detail::with_matrix(b_at(i) + k0 * b.stride(2) + j0 * b.stride(3), k1 - k0, j1 - j0, b.stride(2), b.stride(3),
-                            [&](const auto& rhs) { dst.noalias() = lhs * rhs; });
+                            [&](const auto& rhs) {
+                              if (accumulate) {
+                                dst.noalias() += lhs * rhs;
+                              } else {
+                                dst.noalias() = lhs * rhs;
+                              }
+                            });
       });
     };
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -141,11 +150,31 @@ inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
       for (int64_t e = 0; e < m * n; ++e) {
         double sum = 0;
         for (int64_t p = 0; p < parts; ++p) sum += partial[static_cast<size_t>((i * parts + p) * m * n + e)];
-        pc[i * m * n + e] = static_cast<T>(sum);
+        pc[i * m * n + e] = static_cast<T>(accumulate ? pc[i * m * n + e] + sum : sum);
       }
     }
   });
+}
+
+}  // namespace detail
+
+/// a: B1 x B2 x M x K, b: B1 x B2 x K x N (batch strides may be 0, as after expand) -> contiguous B1 x B2 x M x N.
+/// Work is split over batch entries and output columns, or, for small outputs of long products (Gram
+/// matrices, weight gradients), over the summed dimension with per-chunk partial products.
+inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
+  RECORD_FUNCTION("tdfusion::bmm", std::vector<c10::IValue>());
+  TORCH_CHECK(a.dim() == 4 && b.dim() == 4, "tdfusion: bmm kernel got shapes ", a.sizes(), " and ", b.sizes());
+  torch::Tensor c = torch::empty({a.size(0), a.size(1), a.size(2), b.size(3)},
+                                 a.options().memory_format(torch::MemoryFormat::Contiguous));
+  detail::bmm_into(c, a, b, /*accumulate=*/false);
   return c;
+}
+
+/// c += a b in place (c contiguous B1 x B2 x M x N, written by no one else meanwhile): a product added to a
+/// tensor without the zeroing and the extra pass of a separate addition.
+inline void bmm_accumulate(torch::Tensor& c, const torch::Tensor& a, const torch::Tensor& b) {
+  RECORD_FUNCTION("tdfusion::bmm_accumulate", std::vector<c10::IValue>());
+  detail::bmm_into(c, a, b, /*accumulate=*/true);
 }
 
 namespace detail {

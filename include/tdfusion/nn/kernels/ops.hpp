@@ -67,9 +67,12 @@ inline bool fast(std::initializer_list<const torch::Tensor*> tensors) {
 
 inline torch::Tensor flipped(const torch::Tensor& w) { return w.flip({2, 3}); }
 
+inline constexpr double kNormEps = 1e-12;  ///< F.normalize's: norms below it are clamped to it
+
 }  // namespace detail
 
 inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b);
+inline torch::Tensor normalised_gram(const torch::Tensor& gram, const torch::Tensor& q_norm, const torch::Tensor& k_norm);
 inline torch::Tensor depthwise3x3(const torch::Tensor& x, const torch::Tensor& w);
 inline torch::Tensor conv_same(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b = {});
 
@@ -90,6 +93,50 @@ struct BmmFunction : torch::autograd::Function<BmmFunction> {
     if (ctx->needs_input_grad(0)) da = ops::bmm(grads[0], b.transpose(-1, -2));
     if (ctx->needs_input_grad(1)) db = ops::bmm(a.transpose(-1, -2), grads[0]);
     return {da, db};
+  }
+};
+
+/// G = normalised_gram(q k^T, |q|, |k|) over rows of length P (q: B1 x B2 x d x P, k: B1 x B2 x d' x P). Its
+/// ordinary backward passes over q and k once per gradient: dq = c q + dS k, with dS = dG / (|q| |k|^T) and
+/// c = -rowsum(dG G) / |q|^2 (0 where |q| <= eps: the clamped norm is constant there), the product added onto
+/// c q in place; the plain composition (bmm and norm backward, then adding their gradients) took five.
+struct CosineGramFunction : torch::autograd::Function<CosineGramFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k) {
+    const torch::Tensor q_norm = q.norm(2, {-1}), k_norm = k.norm(2, {-1});
+    const torch::Tensor g = ops::normalised_gram(kernels::bmm(readable(q), readable(k).transpose(-1, -2)), q_norm, k_norm);
+    ctx->save_for_backward({q, k, g});  // g as a saved output: kept in saved_data, it would hold its own node
+    ctx->saved_data["q_norm"] = q_norm;
+    ctx->saved_data["k_norm"] = k_norm;
+    return g;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor &q = saved[0], &k = saved[1], &dg = grads[0];
+    if (!torch::GradMode::is_enabled()) {
+      return gradient(dg, saved[2], ctx->saved_data["q_norm"].toTensor(),
+                      ctx->saved_data["k_norm"].toTensor(), q, k, /*recorded=*/false);
+    }
+    // Recorded: G and the norms again from differentiable ops, so that the gradient's own derivative exists.
+    const torch::Tensor q_norm = q.norm(2, {-1}), k_norm = k.norm(2, {-1});
+    const torch::Tensor g = ops::normalised_gram(ops::bmm(q, k.transpose(-1, -2)), q_norm, k_norm);
+    return gradient(dg, g, q_norm, k_norm, q, k, /*recorded=*/true);
+  }
+
+ private:
+  /// (dq, dk); recorded: from differentiable ops, otherwise by the in-place kernel.
+  static variable_list gradient(const torch::Tensor& dg, const torch::Tensor& g, const torch::Tensor& q_norm,
+                                const torch::Tensor& k_norm, const torch::Tensor& q, const torch::Tensor& k,
+                                bool recorded) {
+    const torch::Tensor ds = normalised_gram(dg, q_norm, k_norm), dgg = dg * g;
+    auto coefficient = [](const torch::Tensor& sums, const torch::Tensor& norm) {
+      return (-sums / norm.clamp_min(kNormEps).square() * (norm > kNormEps)).unsqueeze(-1);
+    };
+    const torch::Tensor cq = coefficient(dgg.sum(-1), q_norm), ck = coefficient(dgg.sum(-2), k_norm);
+    if (recorded) return {cq * q + ops::bmm(ds, k), ck * k + ops::bmm(ds.transpose(-1, -2), q)};
+    torch::Tensor dq = (cq * q).contiguous(), dk = (ck * k).contiguous();
+    kernels::bmm_accumulate(dq, ds, readable(k));
+    kernels::bmm_accumulate(dk, ds.transpose(-1, -2), readable(q));
+    return {dq, dk};
   }
 };
 
@@ -242,6 +289,19 @@ struct GeluGateFunction : torch::autograd::Function<GeluGateFunction> {
 inline torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.dim() == 4 && b.dim() == 4 && detail::fast({&a, &b})) return detail::BmmFunction::apply(a, b);
   return torch::matmul(a, b);
+}
+
+/// gram / (max(|q|, eps) max(|k|, eps)^T), eps = 1e-12 as in F.normalize: the Gram matrix of L2-normalised rows
+/// from the raw rows' Gram matrix (... x d x d') and norms (... x d and ... x d').
+inline torch::Tensor normalised_gram(const torch::Tensor& gram, const torch::Tensor& q_norm, const torch::Tensor& k_norm) {
+  return gram / (q_norm.clamp_min(detail::kNormEps).unsqueeze(-1) * k_norm.clamp_min(detail::kNormEps).unsqueeze(-2));
+}
+
+/// normalise(q) normalise(k)^T for q B1 x B2 x d x P, k B1 x B2 x d' x P (rows L2-normalised along P, as by
+/// F.normalize), without forming the long normalised rows.
+inline torch::Tensor cosine_gram(const torch::Tensor& q, const torch::Tensor& k) {
+  if (q.dim() == 4 && k.dim() == 4 && detail::fast({&q, &k})) return detail::CosineGramFunction::apply(q, k);
+  return normalised_gram(torch::matmul(q, k.transpose(-1, -2)), q.norm(2, {-1}), k.norm(2, {-1}));
 }
 
 /// 1x1 convolution without bias: x N x I x H x W, w O x I x 1 x 1.
