@@ -44,8 +44,8 @@ const std::map<std::string, Kernel>& kernels() {
       {"layer_norm_16", {[](const auto& t) { return ops::channel_layer_norm(t[0], t[1], t[2]); },
                          [](int64_t s) { return std::vector<torch::Tensor>{torch::rand({1, 16, s, s}), torch::rand({16}), torch::rand({16})}; },
                          0}},
-      {"gelu_gate_32", {[](const auto& t) { return ops::gelu_gate(t[0], t[1]); },
-                        [](int64_t s) { return std::vector<torch::Tensor>{torch::randn({1, 32, s, s}), torch::randn({1, 32, s, s})}; },
+      {"gelu_gate_32", {[](const auto& t) { return ops::gelu_gate(t[0]); },
+                        [](int64_t s) { return std::vector<torch::Tensor>{torch::randn({1, 64, s, s})}; },
                         0}},
       {"attention_16ch_8heads", {[](const auto& t) { return nn::channel_attention(t[0], t[1], t[2], t[3], 8); },
                                  [](int64_t s) {

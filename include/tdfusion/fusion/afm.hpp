@@ -17,14 +17,15 @@ class AfmImpl : public torch::nn::Module {
     qkv2_dwconv_ = reg("qkv2_dwconv", nn::dwconv3x3(3 * dim));
     reg("project_mid1", nn::conv1x1(dim, dim));  // weights only: folded into channel_attention
     reg("project_mid2", nn::conv1x1(dim, dim));
-    project_E_ = reg("project_E", nn::conv1x1(2 * dim, 8 * dim));
-    project_E_d_ = reg("project_E_d", nn::dwconv3x3(8 * dim));
-    project_E1_ = reg("project_E1", nn::conv1x1(dim, 4 * dim));
-    project_E1_d_ = reg("project_E1_d", nn::dwconv3x3(4 * dim));
-    project_E2_ = reg("project_E2", nn::conv1x1(dim, 4 * dim));
-    project_E2_d_ = reg("project_E2_d", nn::dwconv3x3(4 * dim));
-    project_out1_ = reg("project_out1", nn::conv1x1(4 * dim, 2 * dim));
-    project_out2_ = reg("project_out2", nn::conv1x1(4 * dim, 2 * dim));
+    // The gated half's weights, stacked for one gated feed-forward (gated_weights).
+    reg("project_E", nn::conv1x1(2 * dim, 8 * dim));
+    reg("project_E_d", nn::dwconv3x3(8 * dim));
+    reg("project_E1", nn::conv1x1(dim, 4 * dim));
+    reg("project_E1_d", nn::dwconv3x3(4 * dim));
+    reg("project_E2", nn::conv1x1(dim, 4 * dim));
+    reg("project_E2_d", nn::dwconv3x3(4 * dim));
+    reg("project_out1", nn::conv1x1(4 * dim, 2 * dim));
+    reg("project_out2", nn::conv1x1(4 * dim, 2 * dim));
   }
 
   /// x1, x2: N x dim x H x W features of the two modalities; returns N x 2dim x H x W.
@@ -44,14 +45,10 @@ class AfmImpl : public torch::nn::Module {
     x1 = x1 + nn::channel_attention(qkv2[0], qkv1[1], qkv1[2], p["temperature1"], heads_, p["project_mid1.weight"]);
     x2 = x2 + nn::channel_attention(qkv1[0], qkv2[1], qkv2[2], p["temperature2"], heads_, p["project_mid2.weight"]);
     const torch::Tensor out = torch::cat({x1, x2}, 1);
-    if (fused) return gate_block(p, out);
-
-    const auto gates = conv(project_E_d_, "project_E_d", conv(project_E_, "project_E", out)).chunk(2, 1);
-    const torch::Tensor y1 =
-        nn::ops::gelu_gate(gates[0], conv(project_E1_d_, "project_E1_d", conv(project_E1_, "project_E1", x1)));
-    const torch::Tensor y2 =
-        nn::ops::gelu_gate(gates[1], conv(project_E2_d_, "project_E2_d", conv(project_E2_, "project_E2", x2)));
-    return out + conv(project_out1_, "project_out1", y1) + conv(project_out2_, "project_out2", y2);
+    const GatedWeights w = gated_weights(p);
+    if (fused) return nn::ops::feed_forward_block(out, none, none, w.pointwise, w.depthwise, w.projection);
+    const torch::Tensor expanded = nn::ops::depthwise3x3(nn::ops::conv1x1(out, w.pointwise), w.depthwise);
+    return out + nn::ops::conv1x1(nn::ops::gelu_gate(expanded), w.projection);
   }
 
  private:
@@ -63,30 +60,28 @@ class AfmImpl : public torch::nn::Module {
          &p["project_E2.weight"], &p["project_E2_d.weight"], &p["project_out1.weight"], &p["project_out2.weight"]});
   }
 
-  /// The gated half as one feed-forward block over out = [x1; x2] (kernels::feed_forward_block without
-  /// LayerNorm): a = W_E out, b = [W_E1 x1; W_E2 x2] = W_b out with a block-diagonal W_b, each through its
-  /// depthwise convolution, and out + [W_out1, W_out2] (gelu(a) * b). The intermediates (up to 16 dim channels)
-  /// stay in cache; W_b's zero blocks cost 8 dim^2 multiply-adds per pixel (3% of ReFusion's).
-  static torch::Tensor gate_block(const ParamView& p, const torch::Tensor& out) {
+  /// The gated half as one gated feed-forward over out = [x1; x2]: a = W_E out, b = [W_E1 x1; W_E2 x2] =
+  /// W_b out with a block-diagonal W_b, each through its depthwise convolution, then
+  /// out + [W_out1, W_out2] (gelu(a) * b) = out + W_out1 (gelu(a1) b1) + W_out2 (gelu(a2) b2). One gate over
+  /// [a; b] (ops::gelu_gate) has one gradient tensor, and inference runs it as kernels::feed_forward_block
+  /// without LayerNorm, its intermediates (up to 16 dim channels) in cache. W_b's zero blocks cost 8 dim^2
+  /// multiply-adds per pixel (3% of ReFusion's).
+  struct GatedWeights {
+    torch::Tensor pointwise, depthwise, projection;
+  };
+  static GatedWeights gated_weights(const ParamView& p) {
     const torch::Tensor &e1 = p["project_E1.weight"], &e2 = p["project_E2.weight"];
-    const int64_t dim = e1.size(1), hidden = e1.size(0);
-    torch::Tensor w_b = torch::zeros({2 * hidden, 2 * dim, 1, 1}, e1.options());
-    w_b.slice(0, 0, hidden).slice(1, 0, dim).copy_(e1);
-    w_b.slice(0, hidden).slice(1, dim).copy_(e2);
-    const torch::Tensor none;
-    return nn::ops::feed_forward_block(
-        out, none, none, torch::cat({p["project_E.weight"], w_b}, 0),
-        torch::cat({p["project_E_d.weight"], p["project_E1_d.weight"], p["project_E2_d.weight"]}, 0),
-        torch::cat({p["project_out1.weight"], p["project_out2.weight"]}, 1));
+    const torch::Tensor zeros = torch::zeros(e1.sizes(), e1.options());
+    const torch::Tensor w_b = torch::cat({torch::cat({e1, zeros}, 1), torch::cat({zeros, e2}, 1)}, 0);
+    return {torch::cat({p["project_E.weight"], w_b}, 0),
+            torch::cat({p["project_E_d.weight"], p["project_E1_d.weight"], p["project_E2_d.weight"]}, 0),
+            torch::cat({p["project_out1.weight"], p["project_out2.weight"]}, 1)};
   }
 
   nn::Conv reg(const char* name, nn::Conv layer) { return register_module(name, layer); }
 
   int64_t heads_;
   nn::Conv qkv1_{nullptr}, qkv1_dwconv_{nullptr}, qkv2_{nullptr}, qkv2_dwconv_{nullptr};
-  nn::Conv project_E_{nullptr}, project_E_d_{nullptr};
-  nn::Conv project_E1_{nullptr}, project_E1_d_{nullptr}, project_E2_{nullptr}, project_E2_d_{nullptr};
-  nn::Conv project_out1_{nullptr}, project_out2_{nullptr};
 };
 TORCH_MODULE(Afm);
 

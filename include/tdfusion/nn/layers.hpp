@@ -189,8 +189,8 @@ class FeedForwardImpl : public torch::nn::Module {
   }
 
   torch::Tensor forward_with(const ParamView& p, const torch::Tensor& x) const {
-    const auto halves = dwconv_->forward_with(p.sub("dwconv"), project_in_->forward_with(p.sub("project_in"), x)).chunk(2, 1);
-    return project_out_->forward_with(p.sub("project_out"), ops::gelu_gate(halves[0], halves[1]));
+    const torch::Tensor expanded = dwconv_->forward_with(p.sub("dwconv"), project_in_->forward_with(p.sub("project_in"), x));
+    return project_out_->forward_with(p.sub("project_out"), ops::gelu_gate(expanded));
   }
 
  private:

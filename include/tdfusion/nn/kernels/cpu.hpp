@@ -9,7 +9,8 @@
 //   depthwise3x3         depthwise 3x3 convolution, stride 1, zero padding 1 (vectorised rows)
 //   depthwise3x3_weight_grad  its weight gradient sum_n,p dy[c, p] x[c, p + k]
 //   channel_layer_norm   per-pixel LayerNorm over channels (biased variance), and its first-order backward
-//   gelu_gate            gelu(a) * b with the exact (erf) GELU, its backward and the backward of that
+//   gelu_gate            gelu(a) * b with the exact (erf) GELU for the channel halves [a; b] of one tensor, its
+//                        backward and the backward of that
 //   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
 //   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over cache-sized tiles (inference only)
 //                        (both also without the LayerNorm, as in ReFusion's fusion module)
@@ -27,6 +28,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace tdfusion::nn::kernels {
@@ -442,31 +444,41 @@ inline std::vector<torch::Tensor> channel_layer_norm_backward(const torch::Tenso
 namespace detail {
 inline constexpr int64_t kElementBlock = 16384;  ///< elements per work item of the elementwise kernels
 
-/// Elementwise kernel scaffolding: `outputs` new contiguous tensors of the inputs' (common, 4-D) shape, filled by
+/// Elementwise kernel scaffolding: fills `outputs` (block-contiguous, of the inputs' common 4-D shape) by
 /// fn(in, out) over blocks of every image, where in(i) and out(j) are Eigen arrays of the block of input i
-/// (block-contiguous, or made so) and output j.
+/// (block-contiguous, or made so) and output j. Channel halves of one new tensor are block-contiguous outputs.
 template <class T, class Fn>
-std::vector<torch::Tensor> elementwise(const char* kernel, std::vector<torch::Tensor> inputs, size_t outputs,
-                                       const Fn& fn) {
+void elementwise(const char* kernel, std::vector<torch::Tensor> inputs, const std::vector<torch::Tensor>& outputs,
+                 const Fn& fn) {
+  const torch::Tensor& first = inputs[0];
   for (torch::Tensor& t : inputs) {
-    TORCH_CHECK(t.dim() == 4 && t.sizes() == inputs[0].sizes(), "tdfusion: ", kernel, " kernel got shapes ",
-                inputs[0].sizes(), " and ", t.sizes());
+    TORCH_CHECK(t.dim() == 4 && t.sizes() == first.sizes(), "tdfusion: ", kernel, " kernel got shapes ",
+                first.sizes(), " and ", t.sizes());
     if (!block_contiguous(t)) t = t.contiguous();
   }
-  const torch::Tensor& first = inputs[0];
+  for (const torch::Tensor& t : outputs) TORCH_CHECK(t.sizes() == first.sizes() && block_contiguous(t));
   const int64_t batch = first.size(0), per_image = first.size(1) * first.size(2) * first.size(3);
-  std::vector<torch::Tensor> out;
-  for (size_t j = 0; j < outputs; ++j) {
-    out.push_back(torch::empty(first.sizes(), first.options().memory_format(torch::MemoryFormat::Contiguous)));
-  }
   pixel_blocks(batch, per_image, kElementBlock, [&](int64_t n, int64_t p0, int64_t p1) {
     auto in = [&](size_t i) {
       return Eigen::Map<const Array<T>>(inputs[i].data_ptr<T>() + n * inputs[i].stride(0) + p0, p1 - p0);
     };
-    auto result = [&](size_t j) { return Eigen::Map<Array<T>>(out[j].data_ptr<T>() + n * per_image + p0, p1 - p0); };
-    fn(in, result);
+    auto out = [&](size_t j) {
+      return Eigen::Map<Array<T>>(outputs[j].data_ptr<T>() + n * outputs[j].stride(0) + p0, p1 - p0);
+    };
+    fn(in, out);
   });
-  return out;
+}
+
+/// The two channel halves of x (N x 2C x H x W): gelu_gate's a and b.
+inline std::pair<torch::Tensor, torch::Tensor> halves(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) % 2 == 0, "tdfusion: gelu_gate needs an even number of channels, got ",
+              x.sizes());
+  const int64_t c = x.size(1) / 2;
+  return {x.slice(1, 0, c), x.slice(1, c)};
+}
+
+inline torch::Tensor new_like(const torch::Tensor& x) {
+  return torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
 }
 
 /// Phi(x), the standard normal distribution function (Eigen's vectorised erf for float).
@@ -490,48 +502,57 @@ auto normal_pdf(const E& x) {
 }
 }  // namespace detail
 
-/// gelu(a) * b elementwise; a and b N x C x H x W of the same shape, each block-contiguous.
-inline torch::Tensor gelu_gate(const torch::Tensor& a, const torch::Tensor& b) {
+/// gelu(a) * b elementwise for the channel halves [a; b] of x (N x 2C x H x W, block-contiguous) -> N x C x H x W.
+inline torch::Tensor gelu_gate(const torch::Tensor& x) {
   RECORD_FUNCTION("tdfusion::gelu_gate", std::vector<c10::IValue>());
-  torch::Tensor y;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate", [&] {
-    using T = scalar_t;
-    y = detail::elementwise<T>("gelu_gate", {a, b}, 1, [](const auto& in, const auto& out) {
+  const auto x_halves = detail::halves(x);
+  const torch::Tensor &a = x_halves.first, &b = x_halves.second;
+  torch::Tensor y = detail::new_like(a);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_gelu_gate", [&] {
+    detail::elementwise<scalar_t>("gelu_gate", {a, b}, {y}, [](const auto& in, const auto& out) {
       out(0) = detail::gelu(in(0)) * in(1);
-    })[0];
+    });
   });
   return y;
 }
 
-/// First-order backward of gelu_gate: (da, db) = (dy b gelu'(a), dy gelu(a)), gelu'(x) = Phi(x) + x phi(x).
-inline std::vector<torch::Tensor> gelu_gate_backward(const torch::Tensor& dy, const torch::Tensor& a,
-                                                     const torch::Tensor& b) {
+/// First-order backward of gelu_gate: dx = [da; db] = [dy b gelu'(a); dy gelu(a)], gelu'(x) = Phi(x) + x phi(x).
+inline torch::Tensor gelu_gate_backward(const torch::Tensor& dy, const torch::Tensor& x) {
   RECORD_FUNCTION("tdfusion::gelu_gate_backward", std::vector<c10::IValue>());
-  std::vector<torch::Tensor> d;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate_backward", [&] {
+  const auto x_halves = detail::halves(x);
+  const torch::Tensor &a = x_halves.first, &b = x_halves.second;
+  torch::Tensor dx = detail::new_like(x);
+  const auto dx_halves = detail::halves(dx);
+  const torch::Tensor &da = dx_halves.first, &db = dx_halves.second;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_gelu_gate_backward", [&] {
     using T = scalar_t;
-    d = detail::elementwise<T>("gelu_gate_backward", {dy, a, b}, 2, [](const auto& in, const auto& out) {
+    detail::elementwise<T>("gelu_gate_backward", {dy, a, b}, {da, db}, [](const auto& in, const auto& out) {
       const auto g = in(0), x = in(1);
       const detail::Array<T> cdf = detail::normal_cdf(x);
       out(0) = g * in(2) * (cdf + x * detail::normal_pdf(x));
       out(1) = g * x * cdf;
     });
   });
-  return d;
+  return dx;
 }
 
-/// Backward of gelu_gate_backward: for the gradients (gda, gdb) of its outputs, (d dy, d a, d b) =
-/// (gda b gelu'(a) + gdb gelu(a), dy (gda b gelu''(a) + gdb gelu'(a)), gda dy gelu'(a)),
+/// Backward of gelu_gate_backward: for the gradient [gda; gdb] of its output, (d dy, d x) =
+/// (gda b gelu'(a) + gdb gelu(a), [dy (gda b gelu''(a) + gdb gelu'(a)); gda dy gelu'(a)]),
 /// gelu''(x) = phi(x) (2 - x^2). The meta step's outer pass runs it once per gate instead of a dozen LibTorch ops.
-inline std::vector<torch::Tensor> gelu_gate_double_backward(const torch::Tensor& gda, const torch::Tensor& gdb,
-                                                            const torch::Tensor& dy, const torch::Tensor& a,
-                                                            const torch::Tensor& b) {
+inline std::vector<torch::Tensor> gelu_gate_double_backward(const torch::Tensor& gdx, const torch::Tensor& dy,
+                                                            const torch::Tensor& x) {
   RECORD_FUNCTION("tdfusion::gelu_gate_double_backward", std::vector<c10::IValue>());
-  std::vector<torch::Tensor> d;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tdfusion_gelu_gate_double_backward", [&] {
+  const auto x_halves = detail::halves(x);
+  const torch::Tensor &a = x_halves.first, &b = x_halves.second;
+  const auto gdx_halves = detail::halves(gdx);
+  const torch::Tensor &gda = gdx_halves.first, &gdb = gdx_halves.second;
+  torch::Tensor ddy = detail::new_like(dy), dx = detail::new_like(x);
+  const auto dx_halves = detail::halves(dx);
+  const torch::Tensor &da = dx_halves.first, &db = dx_halves.second;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_gelu_gate_double_backward", [&] {
     using T = scalar_t;
-    d = detail::elementwise<T>("gelu_gate_double_backward", {gda, gdb, dy, a, b}, 3,
-                               [](const auto& in, const auto& out) {
+    detail::elementwise<T>("gelu_gate_double_backward", {gda, gdb, dy, a, b}, {ddy, da, db},
+                           [](const auto& in, const auto& out) {
       const auto gda = in(0), gdb = in(1), g = in(2), x = in(3), gate = in(4);
       const detail::Array<T> cdf = detail::normal_cdf(x), pdf = detail::normal_pdf(x);
       const detail::Array<T> slope = cdf + x * pdf, gda_gate = gda * gate;
@@ -540,7 +561,7 @@ inline std::vector<torch::Tensor> gelu_gate_double_backward(const torch::Tensor&
       out(2) = gda * g * slope;
     });
   });
-  return d;
+  return {ddy, dx};
 }
 
 namespace detail {

@@ -248,38 +248,38 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   }
 };
 
-/// (da, db) = (dy b gelu'(a), dy gelu(a)), the gradient of y = gelu(a) * b: gelu_gate's recorded backward as one
-/// function, whose own backward is one fused kernel (LibTorch's GELU derivatives computed erf several times over).
+/// dx = [dy b gelu'(a); dy gelu(a)], the gradient of y = gelu(a) * b for x = [a; b]: gelu_gate's recorded
+/// backward as one function, whose own backward is one fused kernel (LibTorch's GELU derivatives computed erf
+/// several times over).
 struct GeluGateBackwardFunction : torch::autograd::Function<GeluGateBackwardFunction> {
-  static variable_list forward(AutogradContext* ctx, const torch::Tensor& dy, const torch::Tensor& a,
-                               const torch::Tensor& b) {
-    ctx->save_for_backward({dy, a, b});
-    return kernels::gelu_gate_backward(dy, a, b);
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& dy, const torch::Tensor& x) {
+    ctx->save_for_backward({dy, x});
+    return kernels::gelu_gate_backward(dy, x);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor &g = saved[0], &a = saved[1], &b = saved[2];
-    const torch::Tensor gda = grads[0].defined() ? grads[0] : torch::zeros_like(a);
-    const torch::Tensor gdb = grads[1].defined() ? grads[1] : torch::zeros_like(a);
-    if (!torch::GradMode::is_enabled()) return kernels::gelu_gate_double_backward(gda, gdb, g, a, b);
+    const torch::Tensor &g = saved[0], &x = saved[1], &gdx = grads[0];
+    if (!torch::GradMode::is_enabled()) return kernels::gelu_gate_double_backward(gdx, g, x);
     // Recorded: the same gradient from differentiable ops.
+    const auto ab = x.chunk(2, 1), gd = gdx.chunk(2, 1);
+    const torch::Tensor &a = ab[0], &b = ab[1], &gda = gd[0], &gdb = gd[1];
     const torch::Tensor cdf = 0.5 * (1 + torch::erf(a * M_SQRT1_2));
     const torch::Tensor pdf = 0.3989422804014327 * torch::exp(-0.5 * a.square());
     const torch::Tensor slope = cdf + a * pdf, gda_gate = gda * b;
-    return {gda_gate * slope + gdb * a * cdf, g * (gda_gate * pdf * (2 - a.square()) + gdb * slope), gda * g * slope};
+    return {gda_gate * slope + gdb * a * cdf,
+            torch::cat({g * (gda_gate * pdf * (2 - a.square()) + gdb * slope), gda * g * slope}, 1)};
   }
 };
 
 struct GeluGateFunction : torch::autograd::Function<GeluGateFunction> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
-    ctx->save_for_backward({a, b});
-    return kernels::gelu_gate(a, b);
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x) {
+    ctx->save_for_backward({x});
+    return kernels::gelu_gate(x);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor &a = saved[0], &b = saved[1], &g = grads[0];
-    if (!torch::GradMode::is_enabled()) return kernels::gelu_gate_backward(g, a, b);
-    return GeluGateBackwardFunction::apply(g, a, b);
+    const torch::Tensor x = ctx->get_saved_variables()[0];
+    if (!torch::GradMode::is_enabled()) return {kernels::gelu_gate_backward(grads[0], x)};
+    return {GeluGateBackwardFunction::apply(grads[0], x)};
   }
 };
 
@@ -376,10 +376,15 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
   return kernels::norm_pointwise_depthwise(x, ln_w, ln_b, w_in, w_dw, eps);
 }
 
-/// gelu(a) * b with the exact (erf) GELU; a and b of one shape N x C x H x W.
-inline torch::Tensor gelu_gate(const torch::Tensor& a, const torch::Tensor& b) {
-  if (a.dim() != 4 || a.sizes() != b.sizes() || !detail::fast({&a, &b})) return torch::gelu(a) * b;
-  return detail::GeluGateFunction::apply(a, b);
+/// gelu(a) * b with the exact (erf) GELU for the channel halves [a; b] of x (N x 2C x H x W): a gated
+/// feed-forward's gate. One tensor rather than two, so that the gradient is one tensor too (a channel split's
+/// backward would copy the halves' gradients together).
+inline torch::Tensor gelu_gate(const torch::Tensor& x) {
+  if (x.dim() != 4 || x.size(1) % 2 != 0 || !detail::fast({&x})) {
+    const auto ab = x.chunk(2, 1);
+    return torch::gelu(ab[0]) * ab[1];
+  }
+  return detail::GeluGateFunction::apply(x);
 }
 
 }  // namespace tdfusion::nn::ops
