@@ -456,7 +456,10 @@ void elementwise(const char* kernel, std::vector<torch::Tensor> inputs, const st
                 first.sizes(), " and ", t.sizes());
     if (!block_contiguous(t)) t = t.contiguous();
   }
-  for (const torch::Tensor& t : outputs) TORCH_CHECK(t.sizes() == first.sizes() && block_contiguous(t));
+  for (const torch::Tensor& t : outputs) {
+    TORCH_CHECK(t.sizes() == first.sizes() && block_contiguous(t), "tdfusion: ", kernel, " kernel cannot write ",
+                first.sizes(), " into ", t.sizes());
+  }
   const int64_t batch = first.size(0), per_image = first.size(1) * first.size(2) * first.size(3);
   pixel_blocks(batch, per_image, kElementBlock, [&](int64_t n, int64_t p0, int64_t p1) {
     auto in = [&](size_t i) {

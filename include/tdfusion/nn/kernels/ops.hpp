@@ -97,9 +97,10 @@ struct BmmFunction : torch::autograd::Function<BmmFunction> {
 };
 
 /// G = normalised_gram(q k^T, |q|, |k|) over rows of length P (q: B1 x B2 x d x P, k: B1 x B2 x d' x P). Its
-/// ordinary backward passes over q and k once per gradient: dq = c q + dS k, with dS = dG / (|q| |k|^T) and
-/// c = -rowsum(dG G) / |q|^2 (0 where |q| <= eps: the clamped norm is constant there), the product added onto
-/// c q in place; the plain composition (bmm and norm backward, then adding their gradients) took five.
+/// ordinary backward writes dq = c q + dS k, with dS = dG / (|q| |k|^T) and c = -rowsum(dG G) / |q|^2 (0 where
+/// |q| <= eps: the clamped norm is constant there), the product added onto c q in place (dk alike): two passes
+/// over the long rows per gradient, where the plain composition (a product's and a norm's backward, then their
+/// sum) takes five.
 struct CosineGramFunction : torch::autograd::Function<CosineGramFunction> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k) {
     const torch::Tensor q_norm = q.norm(2, {-1}), k_norm = k.norm(2, {-1});
