@@ -65,6 +65,11 @@ inline bool block_contiguous(const torch::Tensor& t) {
   return (t.stride(3) == 1 || w == 1) && (t.stride(2) == w || h == 1) && (t.stride(1) == h * w || t.size(1) == 1);
 }
 
+/// A new contiguous tensor of x's shape and type: what the kernels write their results into.
+inline torch::Tensor new_like(const torch::Tensor& x) {
+  return torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+}
+
 /// Calls fn with an Eigen map of the rows x cols matrix at `data` whose elements lie at r * row_stride +
 /// c * col_stride, one of the strides being 1 (or its dimension 1): row-major or column-major.
 template <class T, class Fn>
@@ -230,7 +235,7 @@ inline torch::Tensor depthwise3x3(const torch::Tensor& x, const torch::Tensor& w
   multiply_adds() += batch * channels * h * width * 9;
   const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
   const torch::Tensor wc = w.contiguous();
-  torch::Tensor y = torch::empty({batch, channels, h, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  torch::Tensor y = detail::new_like(x);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_depthwise3x3", [&] {
     using T = scalar_t;
@@ -361,7 +366,7 @@ inline torch::Tensor channel_layer_norm(const torch::Tensor& x, const torch::Ten
   const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
   const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
   const torch::Tensor wc = w.contiguous(), bc = b.contiguous();
-  torch::Tensor y = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+  torch::Tensor y = detail::new_like(x);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_channel_layer_norm", [&] {
     using T = scalar_t;
@@ -390,7 +395,7 @@ inline std::vector<torch::Tensor> channel_layer_norm_backward(const torch::Tenso
   const torch::Tensor xc = detail::block_contiguous(x) ? x : x.contiguous();
   const torch::Tensor gc = detail::block_contiguous(dy) ? dy : dy.contiguous();
   const torch::Tensor wc = w.contiguous();
-  torch::Tensor dx = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+  torch::Tensor dx = detail::new_like(x);
   torch::Tensor dw = torch::empty({channels}, x.options()), db = torch::empty({channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_channel_layer_norm_backward", [&] {
     using T = scalar_t;
@@ -478,10 +483,6 @@ inline std::pair<torch::Tensor, torch::Tensor> halves(const torch::Tensor& x) {
               x.sizes());
   const int64_t c = x.size(1) / 2;
   return {x.slice(1, 0, c), x.slice(1, c)};
-}
-
-inline torch::Tensor new_like(const torch::Tensor& x) {
-  return torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
 }
 
 /// Phi(x), the standard normal distribution function (Eigen's vectorised erf for float).
@@ -745,7 +746,7 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
   const torch::Tensor xc = x.contiguous();
   const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
   const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous(), wout = w_out.contiguous();
-  torch::Tensor y = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+  torch::Tensor y = detail::new_like(x);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_feed_forward_block", [&] {
     using T = scalar_t;
