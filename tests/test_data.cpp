@@ -13,6 +13,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <type_traits>
 
 namespace {
 
@@ -390,8 +391,18 @@ TEST_CASE("checkpoints round-trip modules, buffers, Adam state and counters") {
   CHECK(loaded.counters == std::map<std::string, int64_t>{{"epoch", 3}, {"sample", 123456789012LL}});
   CHECK(adam2.param_groups()[0].options().get_lr() == doctest::Approx(0.001));
   for (size_t i = 0; i < 4; ++i) {
+    // An optimiser's state is keyed by the parameter's TensorImpl address: as text in LibTorch 1.x, as the
+    // pointer itself in 2.x.
     const auto key = [](torch::optim::Adam& optimizer, size_t index) {
-      return c10::guts::to_string(optimizer.param_groups()[0].params()[index].unsafeGetTensorImpl());
+      void* impl = optimizer.param_groups()[0].params()[index].unsafeGetTensorImpl();
+      using Key = typename std::decay_t<decltype(optimizer.state())>::key_type;
+      if constexpr (std::is_same_v<Key, std::string>) {
+        std::ostringstream text;
+        text << impl;
+        return text.str();
+      } else {
+        return impl;
+      }
     };
     const auto& a = static_cast<torch::optim::AdamParamState&>(*adam.state().at(key(adam, i)));
     const auto& b = static_cast<torch::optim::AdamParamState&>(*adam2.state().at(key(adam2, i)));

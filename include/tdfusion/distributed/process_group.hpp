@@ -34,6 +34,18 @@ struct Rendezvous {
   torch::Device device = torch::kCPU;                           ///< CUDA: NCCL (when built with it)
 };
 
+namespace detail {
+// LibTorch 2.4 and later start the TCP store on libuv by default, which not every build has (Debian's has not:
+// "use_libuv was requested but PyTorch was build without libuv support"). The socket backend is in every build
+// and ample for a few processes; LibTorch 1.x has only that one and no option to choose.
+template <class Options>
+auto use_socket_store(Options& options, int) -> decltype(options.useLibUV = false, void()) {
+  options.useLibUV = false;
+}
+template <class Options>
+void use_socket_store(Options&, long) {}
+}  // namespace detail
+
 /// meta::Communicator over a c10d process group. Tensors are flattened into one buffer per call, so a whole
 /// network's gradients cost one collective.
 class ProcessGroupCommunicator : public meta::Communicator {
@@ -46,6 +58,7 @@ class ProcessGroupCommunicator : public meta::Communicator {
     store_options.isServer = r.rank == 0;
     store_options.numWorkers = static_cast<size_t>(r.world_size);
     store_options.timeout = r.timeout;
+    detail::use_socket_store(store_options, 0);
     auto store = c10::make_intrusive<c10d::TCPStore>(r.host, store_options);
     auto comm = std::shared_ptr<ProcessGroupCommunicator>(new ProcessGroupCommunicator(r));
     if (r.device.is_cuda()) {

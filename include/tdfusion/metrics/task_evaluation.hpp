@@ -88,19 +88,19 @@ class TaskEvaluation {
   void add(Impl& task, const torch::Tensor& fused, const Target& target) {
     if constexpr (kSegmentation) {
       const torch::Tensor logits = task.forward(fused);
-      if (!confusion_) confusion_.emplace(logits.size(1), options_.ignore_index());
-      update(*confusion_, logits, target);
+      if (!evaluator_) evaluator_.emplace(logits.size(1), options_.ignore_index());
+      update(*evaluator_, logits, target);
     } else if constexpr (kDetection) {
-      if (!detection_) {
+      if (!evaluator_) {
         DetectionEvaluationOptions o;
         o.max_detections = static_cast<int>(options_.max_det());
         o.score_threshold = options_.score_threshold();
-        detection_.emplace(static_cast<int>(task.options().num_classes()), o);
+        evaluator_.emplace(static_cast<int>(task.options().num_classes()), o);
       }
       const std::vector<torch::Tensor> found = task.detect(fused, options_.conf(), options_.iou(), options_.max_det());
       for (size_t i = 0; i < found.size(); ++i) {
         const torch::Tensor& d = found[i];  // K x 6: x1, y1, x2, y2, score, class
-        detection_->add_image(boxes_from_tensors(d.narrow(1, 0, 4), d.select(1, 5), d.select(1, 4)),
+        evaluator_->add_image(boxes_from_tensors(d.narrow(1, 0, 4), d.select(1, 5), d.select(1, 4)),
                               pixel_boxes(target.image_boxes(static_cast<int64_t>(i)), fused.size(2), fused.size(3)));
       }
     } else {
@@ -111,13 +111,13 @@ class TaskEvaluation {
   /// The metrics so far (both rows empty without metrics or samples).
   TaskMetrics result() const {
     TaskMetrics out;
-    if (confusion_) {
-      out.summary.values = {{"mIoU", confusion_->mean_iou()}, {"pixel_accuracy", confusion_->pixel_accuracy()}};
-      const std::vector<double> iou = confusion_->iou();
+    if (!evaluator_) return out;
+    if constexpr (kSegmentation) {
+      out.summary.values = {{"mIoU", evaluator_->mean_iou()}, {"pixel_accuracy", evaluator_->pixel_accuracy()}};
+      const std::vector<double> iou = evaluator_->iou();
       for (size_t c = 0; c < iou.size(); ++c) out.per_class.values.emplace_back("IoU[" + std::to_string(c) + "]", iou[c]);
-    }
-    if (detection_) {
-      const DetectionMetrics m = detection_->compute();
+    } else if constexpr (kDetection) {
+      const DetectionMetrics m = evaluator_->compute();
       out.summary.values = {{"AP50", m.map50}, {"AP50:95", m.map50_95}, {"P", m.precision}, {"R", m.recall}};
       for (const ClassDetectionMetrics& c : m.classes) {
         out.per_class.values.emplace_back("AP50[" + std::to_string(c.cls) + "]", c.ap50);
@@ -128,8 +128,8 @@ class TaskEvaluation {
 
  private:
   TaskEvaluationOptions options_;
-  std::optional<ConfusionMatrix> confusion_;
-  std::optional<DetectionEvaluator> detection_;
+  // The task's own evaluator only (a task without metrics never makes one).
+  std::optional<std::conditional_t<kSegmentation, ConfusionMatrix, DetectionEvaluator>> evaluator_;
 };
 
 }  // namespace tdfusion::metrics
