@@ -241,10 +241,12 @@ int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dat
     write_run_config(args);
   }
   const std::string checkpoint = (fs::path(args.out) / "checkpoint.pt").string();
+  const torch::Device device(args.device);
+  const c10::DeviceGuard on_device(device);  // a process's own GPU is its current one (NCCL, allocations)
   auto options = meta::BilevelOptions()
                      .epochs(args.epochs).meta_steps_per_epoch(args.meta_steps).batch_pairs(args.batch)
                      .fusion_lr(args.fusion_lr).task_lr(args.task_lr).meta_lr(args.meta_lr)
-                     .seed(args.seed).device(torch::Device(args.device)).checkpoint_path(checkpoint);
+                     .seed(args.seed).device(device).checkpoint_path(checkpoint);
   torch::manual_seed(args.seed);
   meta::BilevelOptimizer<Fusion, LossGenerator, Task> trainer(Fusion(), LossGenerator(), Task(typename Task::ContainedType::Options().num_classes(args.classes)), options);
   if (args.resume) {
@@ -257,7 +259,7 @@ int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dat
     rendezvous.port = args.master_port;
     rendezvous.rank = static_cast<int>(args.rank);
     rendezvous.world_size = static_cast<int>(args.world_size);
-    rendezvous.device = torch::Device(args.device);
+    rendezvous.device = device;
     trainer.set_communicator(distributed::ProcessGroupCommunicator::connect(rendezvous));
     std::cout << "process " << args.rank << " of " << args.world_size << " joined " << args.master_addr << ":"
               << args.master_port << '\n';
@@ -345,6 +347,19 @@ uint16_t free_port() {
   return ntohs(address.sin_port);
 }
 
+/// The device of process `rank` of `nproc` on this machine. NCCL runs one process per GPU, so `cuda` becomes
+/// `cuda:<rank>`, and the machine must have a GPU for each process.
+std::string process_device(const std::string& device, int64_t rank, int64_t nproc) {
+  const torch::Device requested(device);
+  if (!requested.is_cuda()) return device;
+  TORCH_CHECK(!requested.has_index(), "tdfusion: --nproc ", nproc, " takes --device cuda, not ", device,
+              ": each process gets a GPU of its own (process r uses cuda:r)");
+  const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
+  TORCH_CHECK(nproc <= gpus, "tdfusion: --nproc ", nproc, " with --device cuda needs ", nproc,
+              " GPUs (NCCL runs one process per GPU), but this machine has ", gpus);
+  return "cuda:" + std::to_string(rank);
+}
+
 /// `tdfusion train --nproc N`: this process becomes rank 0 of N on 127.0.0.1 and starts ranks 1 .. N-1 as
 /// copies of itself (their standard output discarded); a failure of any process fails the run.
 int launch(TrainArgs args, const std::vector<std::string>& command_line) {
@@ -352,6 +367,8 @@ int launch(TrainArgs args, const std::vector<std::string>& command_line) {
   args.rank = 0;
   args.master_addr = "127.0.0.1";
   args.master_port = free_port();
+  const std::string device = args.device;
+  args.device = process_device(device, 0, args.nproc);
   std::vector<pid_t> children;
   auto stop_children = [&children] {
     for (const pid_t child : children) ::kill(child, SIGTERM);
@@ -360,15 +377,17 @@ int launch(TrainArgs args, const std::vector<std::string>& command_line) {
   for (int64_t rank = 1; rank < args.nproc; ++rank) {
     std::vector<std::string> words;
     for (size_t i = 0; i < command_line.size(); ++i) {
-      if (command_line[i] == "--nproc") {
+      const std::string& word = command_line[i];
+      if (word == "--nproc" || word == "--device") {
         ++i;  // and its value
-      } else if (command_line[i].rfind("--nproc=", 0) != 0) {
-        words.push_back(command_line[i]);
+      } else if (word.rfind("--nproc=", 0) != 0 && word.rfind("--device=", 0) != 0) {
+        words.push_back(word);
       }
     }
     for (const std::string& word : {std::string("--world-size"), std::to_string(args.nproc), std::string("--rank"),
                                     std::to_string(rank), std::string("--master-port"),
-                                    std::to_string(args.master_port)}) {
+                                    std::to_string(args.master_port), std::string("--device"),
+                                    process_device(device, rank, args.nproc)}) {
       words.push_back(word);
     }
     std::vector<char*> argv;

@@ -317,4 +317,15 @@ TEST_CASE("tdfusion train --nproc 2 (Gloo on loopback) gives the parameters of o
   const Run uneven = run_cli(common + quoted(scratch / "three") + " --nproc 2 --batch 3");
   CHECK(uneven.exit_code == 1);
   CHECK(uneven.output.find("batch_pairs (3) must be a multiple of the number of processes (2)") != std::string::npos);
+
+  // On CUDA each process needs a GPU of its own.
+  const Run one_gpu = run_cli(common + quoted(scratch / "four") + " --batch 2 --nproc 2 --device cuda:1");
+  CHECK(one_gpu.exit_code == 1);
+  CHECK(one_gpu.output.find("--nproc 2 takes --device cuda, not cuda:1") != std::string::npos);
+  if (torch::cuda::device_count() < 2) {
+    const Run too_few = run_cli(common + quoted(scratch / "five") + " --batch 2 --nproc 2 --device cuda");
+    CHECK(too_few.exit_code == 1);
+    CHECK(too_few.output.find("--nproc 2 with --device cuda needs 2 GPUs (NCCL runs one process per GPU), but this "
+                              "machine has " + std::to_string(torch::cuda::device_count())) != std::string::npos);
+  }
 }
