@@ -128,9 +128,10 @@ int run_fuse(const FuseArgs& args) {
 // ---------------------------------------------------------------------------------------------- train
 
 struct TrainArgs {
+  std::vector<std::string> fusion_data;  // extra pair folders without labels for F's phase-B steps
   std::string data, labels, out = "tdfusion-run", fusion = "refusion", loss = "lpn", task = "small-seg",
               device = "cpu", task_size;
-  int64_t epochs = 10, meta_steps = 20, classes = 9, crop = 128, scenes = 32, scene_size = 128, val_every = 0,
+  int64_t epochs = 10, lr_step = 10, meta_steps = 20, classes = 9, crop = 128, scenes = 32, scene_size = 128, val_every = 0,
           batch = 1;
   double fusion_lr = 1e-4, task_lr = 1e-4, meta_lr = 0.0;
   uint64_t seed = 0;
@@ -144,14 +145,18 @@ struct TrainArgs {
 /// One line on stderr, rewritten in place: epoch, phase, step, losses, elapsed time.
 class ProgressBar {
  public:
-  ProgressBar(int64_t epochs, int64_t meta_steps, int64_t train_steps)
-      : epochs_(epochs), meta_steps_(meta_steps), train_steps_(train_steps), start_(Clock::now()),
+  ProgressBar(int64_t epochs, int64_t meta_steps, int64_t train_steps, int64_t fusion_steps)
+      : epochs_(epochs), meta_steps_(meta_steps), train_steps_(train_steps), fusion_steps_(fusion_steps),
+        start_(Clock::now()),
         terminal_(isatty(STDERR_FILENO) != 0) {}
   void operator()(const meta::MetaStepReport& r) const {
     draw(r.epoch, "meta", r.step + 1, meta_steps_, r.fusion_loss, r.task_loss);
   }
   void operator()(const meta::TrainStepReport& r) const {
     draw(r.epoch, "train", r.step + 1, train_steps_, r.fusion_loss, r.task_loss);
+  }
+  void operator()(const meta::FusionStepReport& r) const {
+    draw(r.epoch, "fuse", r.step + 1, fusion_steps_, r.fusion_loss, std::nan(""));
   }
   void operator()(const meta::EpochReport& r) const {
     if (terminal_) std::cerr << "\r\033[K";
@@ -172,7 +177,7 @@ class ProgressBar {
               << "  fusion " << std::setprecision(4) << fusion << "  task " << task << "  " << std::fixed
               << std::setprecision(0) << seconds << " s" << std::defaultfloat << std::setprecision(6) << std::flush;
   }
-  int64_t epochs_, meta_steps_, train_steps_;
+  int64_t epochs_, meta_steps_, train_steps_, fusion_steps_;
   Clock::time_point start_;
   bool terminal_;
 };
@@ -190,6 +195,9 @@ class JsonLinesLog {
   void operator()(const meta::TrainStepReport& r) const {
     write({{"kind", "train"}, {"epoch", r.epoch}, {"step", r.step}, {"fusion_loss", r.fusion_loss},
            {"task_loss", r.task_loss}});
+  }
+  void operator()(const meta::FusionStepReport& r) const {
+    write({{"kind", "fusion"}, {"epoch", r.epoch}, {"step", r.step}, {"fusion_loss", r.fusion_loss}});
   }
   void operator()(const meta::EpochReport& r) const {
     write({{"kind", "epoch"}, {"epoch", r.epoch}, {"fusion_loss", r.fusion_loss}, {"task_loss", r.task_loss},
@@ -229,7 +237,7 @@ void write_run_config(const TrainArgs& args) {
   const nlohmann::json config = {{"fusion", args.fusion}, {"loss", args.loss},      {"task", args.task},
                                  {"classes", args.classes}, {"task_size", args.task_size}, {"crop", args.crop},
                                  {"data", args.data},     {"labels", args.labels},  {"val_every", args.val_every},
-                                 {"seed", args.seed}};
+                                 {"seed", args.seed},     {"fusion_data", args.fusion_data}};
   write_text((fs::path(args.out) / "config.json").string(), config.dump(2) + "\n");
 }
 
@@ -245,7 +253,7 @@ int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dat
   const c10::DeviceGuard on_device(device);  // a process's own GPU is its current one (NCCL, allocations)
   auto options = meta::BilevelOptions()
                      .epochs(args.epochs).meta_steps_per_epoch(args.meta_steps).batch_pairs(args.batch)
-                     .fusion_lr(args.fusion_lr).task_lr(args.task_lr).meta_lr(args.meta_lr)
+                     .fusion_lr(args.fusion_lr).task_lr(args.task_lr).meta_lr(args.meta_lr).lr_step_epochs(args.lr_step)
                      .seed(args.seed).device(device).checkpoint_path(checkpoint);
   torch::manual_seed(args.seed);
   meta::BilevelOptimizer<Fusion, LossGenerator, Task> trainer(Fusion(), LossGenerator(), Task(typename Task::ContainedType::Options().num_classes(args.classes)), options);
@@ -265,13 +273,23 @@ int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dat
               << args.master_port << '\n';
   }
   if (validation) trainer.set_validation(*validation);
+  int64_t fusion_steps = 0;
+  if (!args.fusion_data.empty()) {
+    std::vector<data::PairedFolder> folders;
+    for (const std::string& root : args.fusion_data)
+      folders.emplace_back(root, data::PairedFolderOptions().crop_size(args.crop).seed(args.seed).ignore_labels(true));
+    const data::ConcatDataset<data::PairedFolder> fusion_data(folders);
+    fusion_steps = (static_cast<int64_t>(fusion_data.size()) + args.batch - 1) / args.batch;
+    if (lead) std::cout << "phase B also fuses " << fusion_data.size() << " pairs without labels\n";
+    trainer.set_fusion_data(fusion_data);
+  }
   if (!lead) {
     trainer.fit(dataset);
     return 0;
   }
   const bool learns_loss = !trainer.loss_generator()->parameters().empty();
   const int64_t steps = (static_cast<int64_t>(dataset.size()) + args.batch - 1) / args.batch;
-  trainer.fit(dataset, ProgressBar(args.epochs, learns_loss ? args.meta_steps : 0, steps),
+  trainer.fit(dataset, ProgressBar(args.epochs, learns_loss ? args.meta_steps : 0, steps, fusion_steps),
               JsonLinesLog((fs::path(args.out) / "log.jsonl").string()));
   const std::string weights = (fs::path(args.out) / "fusion.pth").string();
   io::write_torch_state_dict(weights, io::released_layout(*trainer.fusion()));
@@ -572,12 +590,17 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--loss", train.loss, "lpn (learned) or fixed (0.5/0.5)")->check(CLI::IsMember({"lpn", "fixed"}))->capture_default_str();
   train_cmd->add_option("--task", train.task, "segmentation (segformer, small-seg) or detection (yolov8, small-det)")
       ->check(CLI::IsMember({"segformer", "small-seg", "yolov8", "small-det"}))->capture_default_str();
+  train_cmd->add_option("--fusion-data", train.fusion_data,
+                        "extra folder(s) of pairs (ir/, vi/) without labels on which F also trains in phase B")
+      ->check(CLI::ExistingDirectory);
   train_cmd->add_option("--labels", train.labels, "label folder: class-id PNGs or YOLO .txt (default: DATA/label)");
   train_cmd->add_option("--classes", train.classes, "classes (segmentation: background included)")->capture_default_str();
   train_cmd->add_option("--epochs", train.epochs)->check(CLI::PositiveNumber)->capture_default_str();
   train_cmd->add_option("--meta-steps", train.meta_steps, "meta steps per epoch (release: 200)")->check(CLI::NonNegativeNumber)->capture_default_str();
   train_cmd->add_option("--fusion-lr", train.fusion_lr)->check(CLI::PositiveNumber)->capture_default_str();
   train_cmd->add_option("--task-lr", train.task_lr)->check(CLI::PositiveNumber)->capture_default_str();
+  train_cmd->add_option("--lr-step", train.lr_step, "epochs between the tenfold learning-rate decays (StepLR)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   train_cmd->add_option("--meta-lr", train.meta_lr, "loss-generator step (0: the fusion learning rate)")->capture_default_str();
   train_cmd->add_option("--crop", train.crop, "fusion crop side")->check(CLI::PositiveNumber)->capture_default_str();
   train_cmd->add_option("--task-size", train.task_size, "task input HxW (default: the image size)");

@@ -1,6 +1,7 @@
 // The bilevel optimiser: exact hypergradients, the second-order pitfall, fast weights, snapshots, training.
 #include <doctest/doctest.h>
 
+#include "tdfusion/data/concat_dataset.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
 #include "tdfusion/fusion/refusion.hpp"
 #include "tdfusion/lossgen/fixed_weights.hpp"
@@ -13,6 +14,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <set>
 
 #include <unistd.h>
 
@@ -227,13 +229,13 @@ LightTrainer light_trainer(meta::BilevelOptions options) {
 }  // namespace
 
 TEST_CASE("a short CPU training run on synthetic scenes lowers the task loss and the fusion loss") {
-  LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(6));
+  LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(8));
   std::vector<meta::EpochReport> epochs;
   int64_t meta_steps = 0;
   trainer.fit(small_scenes(), [&](const meta::EpochReport& r) { epochs.push_back(r); },
               [&](const meta::MetaStepReport&) { ++meta_steps; });
-  REQUIRE(epochs.size() == 6);
-  CHECK(meta_steps == 12);
+  REQUIRE(epochs.size() == 8);
+  CHECK(meta_steps == 16);
   MESSAGE("task loss " << epochs.front().task_loss << " -> " << epochs.back().task_loss << ", fusion loss "
                        << epochs.front().fusion_loss << " -> " << epochs.back().fusion_loss);
   CHECK(epochs.back().task_loss < 0.8 * epochs.front().task_loss);
@@ -248,18 +250,75 @@ TEST_CASE("a callback returning true stops training early") {
   CHECK(trainer.epoch() == 0);  // the interrupted epoch does not count
 }
 
+TEST_CASE("each epoch visits every pair once, in an order of its own drawn from the seed") {
+  const uint64_t size = 7;
+  std::set<std::vector<uint64_t>> orders;
+  for (uint64_t epoch = 0; epoch < 4; ++epoch) {
+    std::vector<uint64_t> items;
+    for (uint64_t p = 0; p < size; ++p) {
+      const uint64_t counter = data::shuffled_counter(epoch * size + p, size, 9);
+      CHECK(counter / size == epoch);  // the data set's own randomness sees (epoch, item)
+      items.push_back(counter % size);
+    }
+    CHECK(std::set<uint64_t>(items.begin(), items.end()).size() == size);
+    orders.insert(items);
+    CHECK(data::shuffled_counter(epoch * size + 3, size, 9) == data::shuffled_counter(epoch * size + 3, size, 9));
+  }
+  CHECK(orders.size() == 4);
+  CHECK(data::shuffled_counter(5, size, 9) != data::shuffled_counter(5, size, 10));
+  CHECK(data::shuffled_counter(5, 1, 9) == 5);
+}
+
+TEST_CASE("ConcatDataset serves the items of its parts in turn, each part seeing its own counters") {
+  const auto part = [](int64_t count, uint64_t seed) {
+    return data::SyntheticScenes(data::SyntheticScenesOptions().count(count).scene_height(16).scene_width(16)
+                                     .task_height(16).task_width(16).crop_size(8).seed(seed));
+  };
+  const data::ConcatDataset<data::SyntheticScenes> both({part(2, 1), part(3, 2)});
+  REQUIRE(both.size() == 5);
+  for (uint64_t counter : {0, 1, 2, 4, 6, 9}) {
+    const uint64_t epoch = counter / 5, item = counter % 5;
+    const auto expected = item < 2 ? part(2, 1).get(epoch * 2 + item) : part(3, 2).get(epoch * 3 + item - 2);
+    const auto got = both.get(counter);
+    CHECK(torch::equal(got.ir, expected.ir));
+    CHECK(torch::equal(got.vi_crop, expected.vi_crop));
+  }
+}
+
+TEST_CASE("pairs without labels give F one more pass of fusion steps per epoch, interleaved") {
+  LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(1).meta_steps_per_epoch(0));
+  trainer.set_fusion_data(data::SyntheticScenes(data::SyntheticScenesOptions().count(4).scene_height(48)
+                                                    .scene_width(48).crop_size(40).seed(8)));
+  std::string order;
+  trainer.fit(small_scenes(), [&](const meta::TrainStepReport&) { order += 'L'; },
+              [&](const meta::FusionStepReport& r) {
+                CHECK(std::isfinite(r.fusion_loss));
+                order += 'F';
+              });
+  CHECK(order == "LFLLFLLFLLFL");  // 8 labelled and 4 fusion-only steps, spread evenly
+  // F took the extra steps: it ends elsewhere than after the labelled steps alone.
+  LightTrainer labelled_only = light_trainer(meta::BilevelOptions().epochs(1).meta_steps_per_epoch(0));
+  labelled_only.fit(small_scenes());
+  CHECK(!all_equal(labelled_only.fusion()->parameters(), trainer.fusion()->parameters()));
+}
+
 TEST_CASE("resuming from a checkpoint continues the same run") {
   const auto dir = std::filesystem::temp_directory_path() / ("tdfusion_resume_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const std::string path = (dir / "run.ckpt").string();
+  const data::SyntheticScenes fusion_data(data::SyntheticScenesOptions().count(3).scene_height(48).scene_width(48)
+                                              .crop_size(40).seed(8));
 
   LightTrainer straight = light_trainer(meta::BilevelOptions().epochs(2));
+  straight.set_fusion_data(fusion_data);
   straight.fit(small_scenes());
 
   LightTrainer first = light_trainer(meta::BilevelOptions().epochs(1).checkpoint_path(path));
+  first.set_fusion_data(fusion_data);
   first.fit(small_scenes());
   REQUIRE(std::filesystem::exists(path));
   LightTrainer resumed = light_trainer(meta::BilevelOptions().epochs(2));
+  resumed.set_fusion_data(fusion_data);
   resumed.load(path);
   CHECK(resumed.epoch() == 1);
   CHECK(resumed.sample_counter() == first.sample_counter());

@@ -38,6 +38,7 @@ struct PairedFolderOptions {
   TORCH_ARG(uint64_t, seed) = 0;
   TORCH_ARG(bool, flip) = true;                   ///< random horizontal flips
   TORCH_ARG(bool, require_labels) = false;        ///< fail when root/label/ is absent
+  TORCH_ARG(bool, ignore_labels) = false;         ///< serve no labels even where there are (fusion-only data)
   TORCH_ARG(bool, check_headers) = true;          ///< read every file's header up front: format and matching sizes
   TORCH_ARG(io::ImageReadOptions, ir_read) = {};  ///< e.g. a window for 16-bit thermal files
   TORCH_ARG(io::ImageReadOptions, vi_read) = {};
@@ -174,7 +175,7 @@ class PairedFolderFor {
     pairs_ = match_pairs((fs::path(root_) / "ir").string(), (fs::path(root_) / "vi").string(), context);
 
     const fs::path label_dir = options_.label_dir().empty() ? fs::path(root_) / "label" : fs::path(options_.label_dir());
-    const bool has_labels = fs::is_directory(label_dir, error);
+    const bool has_labels = !options_.ignore_labels() && fs::is_directory(label_dir, error);
     TORCH_CHECK(has_labels || !options_.require_labels(), "tdfusion: ", context,
                 ": labels are required but there is no folder '", label_dir.string(), "'");
     if (has_labels) {

@@ -14,6 +14,7 @@
 //   Phase B (one pass over the data, G frozen):
 //     4. Adam step of F on L_f(F_theta(crop), G_phi(crop).detach())
 //     5. Adam step of T on T(F_theta(image).detach())
+//     with set_fusion_data, also one pass of step 4 alone over pairs without labels, interleaved evenly
 //   StepLR on F's and T's learning rates; beta (inner and G step) follows F's current rate by default.
 //
 // Usage:
@@ -24,7 +25,8 @@
 // A dataset is any object with `size_t size() const` and `PairBatch<Target> get(uint64_t counter) const`:
 // the optimiser draws samples with an ever-increasing counter (saved in checkpoints), so a dataset that
 // derives its randomness from the counter makes runs reproducible and resumable. A step takes
-// options.batch_pairs() consecutive samples.
+// options.batch_pairs() consecutive draws; with options.shuffle() each epoch of draws visits the data set in
+// an order drawn from the seed (data/sample_order.hpp).
 //
 // Data parallelism (set_communicator): every process takes its share of each step's samples, and the
 // optimiser averages what the combined batch would sum, so N processes compute the same updates as one
@@ -38,6 +40,7 @@
 #include "tdfusion/core/param_view.hpp"
 #include "tdfusion/core/traits.hpp"
 #include "tdfusion/data/pair_batch.hpp"
+#include "tdfusion/data/sample_order.hpp"
 #include "tdfusion/io/checkpoint.hpp"
 #include "tdfusion/loss/fusion_loss.hpp"
 #include "tdfusion/meta/callbacks.hpp"
@@ -105,6 +108,9 @@ class BilevelOptimizer {
   /// Phase B: one Adam step of F (with G's frozen loss) and one of T.
   TrainStepReport train_step(const Batch& batch);
 
+  /// Phase B without labels: one Adam step of F (with G's frozen loss) on N x 1 x h x w crops.
+  FusionStepReport fusion_step(const torch::Tensor& ir_crop, const torch::Tensor& vi_crop);
+
   /// Trains from the current epoch to options.epochs(); see the class comment for datasets and
   /// callbacks.hpp for callbacks. Writes a checkpoint after every epoch when options.checkpoint_path() is set,
   /// then, with a validation set (set_validation), validates and hands callbacks a ValidationReport.
@@ -119,6 +125,12 @@ class BilevelOptimizer {
   /// Makes fit() validate on `dataset` (kept by value) after every options.every_epochs()-th epoch.
   template <class Dataset>
   void set_validation(Dataset dataset, ValidationOptions options = {});
+
+  /// Gives phase B extra pairs without labels (kept by value; any data set with `size()` and `get(counter)`,
+  /// of which only the fusion crops are used): every epoch, F also takes fusion_step on each draw of one pass
+  /// over them, interleaved evenly with the labelled steps. G and T still learn from the labelled data only.
+  template <class Dataset>
+  void set_fusion_data(Dataset dataset);
 
   /// Trains data-parallel with the other processes of `communicator` (see the class comment): rank 0's
   /// networks are copied to every process now, and every step from here on is shared.
@@ -163,6 +175,10 @@ class BilevelOptimizer {
   bool agreed(bool stop) const;
   static std::vector<torch::Tensor> gradients_of(const torch::nn::Module& module);
   Batch prepare(const Batch& batch) const;
+  /// Adam step of F on the fusion loss of prepared crops; returns the loss.
+  double fusion_update(const torch::Tensor& ir_crop, const torch::Tensor& vi_crop);
+  /// The counters of this process's share of the next step (options.batch_pairs() draws from `counter`).
+  std::vector<uint64_t> step_counters(uint64_t counter, uint64_t size) const;
   MetaLosses meta_losses(const Batch& prepared_train, const Batch& prepared_test);
   void look_ahead(const Batch& prepared_train);
   std::vector<torch::Tensor> task_state() const;
@@ -181,9 +197,13 @@ class BilevelOptimizer {
   torch::optim::Adam task_optimizer_;
   std::function<ValidationReport(BilevelOptimizer&)> validation_;
   std::shared_ptr<Communicator> communicator_;
+  /// Pairs without labels for phase B (set_fusion_data): their number and their crops by counter.
+  uint64_t fusion_data_size_ = 0;
+  std::function<std::pair<torch::Tensor, torch::Tensor>(uint64_t)> fusion_data_crops_;
   int64_t validation_every_ = 1;
   int64_t epoch_ = 0;
   uint64_t sample_counter_ = 0;
+  uint64_t fusion_sample_counter_ = 0;  ///< draws from the fusion-only data
 };
 
 }  // namespace tdfusion::meta

@@ -2,6 +2,7 @@
 // Implementation of BilevelOptimizer; included at the bottom of bilevel_optimizer.hpp.
 
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 namespace tdfusion::meta {
@@ -173,24 +174,29 @@ MetaStepReport BilevelOptimizer<F, G, T, I, O>::meta_step(const Batch& meta_trai
 }
 
 template <class F, class G, class T, class I, class O>
-TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
-  const Batch batch = prepare(raw);
-  TrainStepReport report;
-  report.epoch = epoch_;
-
+double BilevelOptimizer<F, G, T, I, O>::fusion_update(const torch::Tensor& ir_crop, const torch::Tensor& vi_crop) {
   torch::Tensor weights;
   {
     torch::NoGradGuard no_grad;
-    weights = loss_generator_->forward(batch.ir_crop, batch.vi_crop);
+    weights = loss_generator_->forward(ir_crop, vi_crop);
   }
-  const torch::Tensor fused_crop = fusion_->forward(batch.ir_crop, batch.vi_crop);
+  const torch::Tensor fused_crop = fusion_->forward(ir_crop, vi_crop);
   const torch::Tensor fusion_loss =
-      loss::fusion_loss(fused_crop, batch.ir_crop, batch.vi_crop, weights, options_.gradient_weight()).total;
-  report.fusion_loss = detail::finite_loss(fusion_loss, "fusion loss", epoch_, sample_counter_);
+      loss::fusion_loss(fused_crop, ir_crop, vi_crop, weights, options_.gradient_weight()).total;
+  const double value = detail::finite_loss(fusion_loss, "fusion loss", epoch_, sample_counter_);
   fusion_optimizer_.zero_grad();
   fusion_loss.backward();
   average(gradients_of(*fusion_));
   fusion_optimizer_.step();
+  return value;
+}
+
+template <class F, class G, class T, class I, class O>
+TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
+  const Batch batch = prepare(raw);
+  TrainStepReport report;
+  report.epoch = epoch_;
+  report.fusion_loss = fusion_update(batch.ir_crop, batch.vi_crop);
 
   torch::Tensor fused;
   {
@@ -215,6 +221,20 @@ TrainStepReport BilevelOptimizer<F, G, T, I, O>::train_step(const Batch& raw) {
 }
 
 template <class F, class G, class T, class I, class O>
+FusionStepReport BilevelOptimizer<F, G, T, I, O>::fusion_step(const torch::Tensor& ir_crop,
+                                                               const torch::Tensor& vi_crop) {
+  torch::Tensor ir = ir_crop.to(options_.device(), options_.dtype()), vi = vi_crop.to(options_.device(), options_.dtype());
+  check_pair(ir, vi);
+  if (options_.modality_swap()) std::tie(ir, vi) = std::make_pair(torch::cat({ir, vi}, 0), torch::cat({vi, ir}, 0));
+  FusionStepReport report;
+  report.epoch = epoch_;
+  report.fusion_loss = fusion_update(ir, vi);
+  if (world_size() > 1) communicator_->broadcast(fusion_->buffers());
+  report.fusion_loss = averaged({report.fusion_loss})[0];
+  return report;
+}
+
+template <class F, class G, class T, class I, class O>
 template <class Dataset, class... Callbacks>
 void BilevelOptimizer<F, G, T, I, O>::fit(const Dataset& dataset, Callbacks&&... callbacks) {
   static_assert(std::is_same_v<decltype(dataset.get(uint64_t{0})), Batch>,
@@ -222,6 +242,9 @@ void BilevelOptimizer<F, G, T, I, O>::fit(const Dataset& dataset, Callbacks&&...
   const auto size = static_cast<int64_t>(dataset.size());
   TORCH_CHECK(size > 0, "tdfusion: the training dataset is empty");
   const int64_t steps = (size + options_.batch_pairs() - 1) / options_.batch_pairs();  // phase B: one pass
+  const auto fusion_only_steps =
+      static_cast<int64_t>((fusion_data_size_ + static_cast<uint64_t>(options_.batch_pairs()) - 1) /
+                           static_cast<uint64_t>(options_.batch_pairs()));
   const bool learn_loss = !trainable(*loss_generator_).empty();
   fusion_->train();
   task_->train();
@@ -239,12 +262,30 @@ void BilevelOptimizer<F, G, T, I, O>::fit(const Dataset& dataset, Callbacks&&...
     EpochReport epoch_report;
     epoch_report.epoch = epoch_;
     epoch_report.learning_rate = options_.fusion_lr() * learning_rate_factor();
-    for (int64_t step = 0; step < steps && !stop; ++step) {
-      TrainStepReport report = train_step(draw(dataset));
-      report.step = step;
-      epoch_report.fusion_loss += report.fusion_loss / static_cast<double>(steps);
-      epoch_report.task_loss += report.task_loss / static_cast<double>(steps);
-      stop = agreed(notify(report, callbacks...));
+    // Labelled steps and fusion-only steps (set_fusion_data), interleaved evenly: a labelled step comes next
+    // while the labelled steps done lag behind their share of the steps done.
+    const int64_t total = steps + fusion_only_steps;
+    int64_t labelled = 0, fusion_only = 0;
+    for (int64_t k = 0; k < total && !stop; ++k) {
+      if (fusion_only == fusion_only_steps || (labelled < steps && labelled * total <= k * steps)) {
+        TrainStepReport report = train_step(draw(dataset));
+        report.step = labelled++;
+        epoch_report.fusion_loss += report.fusion_loss / static_cast<double>(total);
+        epoch_report.task_loss += report.task_loss / static_cast<double>(steps);
+        stop = agreed(notify(report, callbacks...));
+      } else {
+        std::vector<torch::Tensor> ir, vi;
+        for (const uint64_t counter : step_counters(fusion_sample_counter_, fusion_data_size_)) {
+          const auto crops = fusion_data_crops_(counter);
+          ir.push_back(crops.first);
+          vi.push_back(crops.second);
+        }
+        fusion_sample_counter_ += static_cast<uint64_t>(options_.batch_pairs());
+        FusionStepReport report = fusion_step(torch::cat(ir, 0), torch::cat(vi, 0));
+        report.step = fusion_only++;
+        epoch_report.fusion_loss += report.fusion_loss / static_cast<double>(total);
+        stop = agreed(notify(report, callbacks...));
+      }
     }
     if (stop) return;  // an interrupted epoch is not counted and not checkpointed
     ++epoch_;
@@ -318,15 +359,36 @@ void BilevelOptimizer<F, G, T, I, O>::set_communicator(std::shared_ptr<Communica
 }
 
 template <class F, class G, class T, class I, class O>
+std::vector<uint64_t> BilevelOptimizer<F, G, T, I, O>::step_counters(uint64_t counter, uint64_t size) const {
+  const int64_t share = options_.batch_pairs() / world_size();
+  std::vector<uint64_t> counters;
+  for (int64_t j = 0; j < share; ++j) {
+    const uint64_t draw = counter + static_cast<uint64_t>(rank() * share + j);
+    counters.push_back(options_.shuffle() ? data::shuffled_counter(draw, size, options_.seed()) : draw);
+  }
+  return counters;
+}
+
+template <class F, class G, class T, class I, class O>
 template <class Dataset>
 typename BilevelOptimizer<F, G, T, I, O>::Batch BilevelOptimizer<F, G, T, I, O>::draw(const Dataset& dataset) {
-  const int64_t share = options_.batch_pairs() / world_size();
   std::vector<Batch> parts;
-  for (int64_t j = 0; j < share; ++j) {
-    parts.push_back(dataset.get(sample_counter_ + static_cast<uint64_t>(rank() * share + j)));
+  for (const uint64_t counter : step_counters(sample_counter_, static_cast<uint64_t>(dataset.size()))) {
+    parts.push_back(dataset.get(counter));
   }
   sample_counter_ += static_cast<uint64_t>(options_.batch_pairs());
   return data::concat(parts);
+}
+
+template <class F, class G, class T, class I, class O>
+template <class Dataset>
+void BilevelOptimizer<F, G, T, I, O>::set_fusion_data(Dataset dataset) {
+  TORCH_CHECK(dataset.size() > 0, "tdfusion: set_fusion_data got an empty data set");
+  fusion_data_size_ = static_cast<uint64_t>(dataset.size());
+  fusion_data_crops_ = [dataset = std::move(dataset)](uint64_t counter) {
+    const auto sample = dataset.get(counter);
+    return std::make_pair(sample.ir_crop, sample.vi_crop);
+  };
 }
 
 template <class F, class G, class T, class I, class O>
@@ -373,6 +435,7 @@ io::CheckpointState BilevelOptimizer<F, G, T, I, O>::checkpoint_state() {
   state.modules = {{"fusion", fusion_.ptr()}, {"loss_generator", loss_generator_.ptr()}, {"task", task_.ptr()}};
   state.optimizers = {{"fusion_optimizer", &fusion_optimizer_}, {"task_optimizer", &task_optimizer_}};
   state.counters = {{"epoch", epoch_}, {"sample_counter", static_cast<int64_t>(sample_counter_)}};
+  if (fusion_data_crops_) state.counters["fusion_sample_counter"] = static_cast<int64_t>(fusion_sample_counter_);
   return state;
 }
 
@@ -387,6 +450,7 @@ void BilevelOptimizer<F, G, T, I, O>::load(const std::string& path) {
   io::load_checkpoint(path, state);
   epoch_ = state.counters.at("epoch");
   sample_counter_ = static_cast<uint64_t>(state.counters.at("sample_counter"));
+  if (fusion_data_crops_) fusion_sample_counter_ = static_cast<uint64_t>(state.counters.at("fusion_sample_counter"));
 }
 
 }  // namespace tdfusion::meta

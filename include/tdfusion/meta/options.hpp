@@ -28,6 +28,9 @@ struct BilevelOptions {
   TORCH_ARG(torch::Device, device) = torch::kCPU;  ///< where the networks live; batches are moved there
   TORCH_ARG(torch::Dtype, dtype) = torch::kFloat32;
   TORCH_ARG(uint64_t, seed) = 0;                   ///< seeds torch's generator at every epoch start
+  /// Visit the data in a new order every epoch, drawn from the seed (data/sample_order.hpp); false keeps the
+  /// data set's own order.
+  TORCH_ARG(bool, shuffle) = true;
   TORCH_ARG(std::string, checkpoint_path) = "";    ///< written atomically after every epoch when not empty
 };
 
@@ -45,7 +48,13 @@ struct TrainStepReport {
   double fusion_loss = 0.0, task_loss = 0.0;
 };
 
-/// Means over an epoch's phase B.
+/// What one phase-B step of F on a pair without labels did (see BilevelOptimizer::set_fusion_data).
+struct FusionStepReport {
+  int64_t epoch = 0, step = 0;
+  double fusion_loss = 0.0;
+};
+
+/// Means over an epoch's phase B (the fusion loss over all of F's steps, the task loss over T's).
 struct EpochReport {
   int64_t epoch = 0;  ///< the epoch just finished, counted from 0
   double fusion_loss = 0.0, task_loss = 0.0, learning_rate = 0.0;
