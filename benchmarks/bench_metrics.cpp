@@ -24,16 +24,6 @@
 #include <thread>
 #include <vector>
 
-#ifndef TDFUSION_SHARED_DIR
-#define TDFUSION_SHARED_DIR "../shared"
-#endif
-#ifndef TDFUSION_REFERENCE_PYTHON
-#define TDFUSION_REFERENCE_PYTHON ""
-#endif
-#ifndef TDFUSION_REFERENCE_SCRIPT
-#define TDFUSION_REFERENCE_SCRIPT ""
-#endif
-
 namespace {
 
 namespace fs = std::filesystem;

@@ -33,10 +33,6 @@
 #include <map>
 #include <string>
 
-#ifndef TDFUSION_SHARED_DIR
-#define TDFUSION_SHARED_DIR "../shared"
-#endif
-
 namespace {
 
 using namespace tdfusion;

@@ -25,10 +25,6 @@
 #include <tuple>
 #include <vector>
 
-#ifndef TDFUSION_SHARED_DIR
-#define TDFUSION_SHARED_DIR "../shared"
-#endif
-
 namespace {
 
 using namespace tdfusion;

@@ -1,5 +1,5 @@
-// Writing your own policies: a fusion network, a loss generator and a task, each a few dozen lines, composed
-// by the same bilevel optimiser and trained on synthetic scenes.
+// Writing your own policies (examples/writing-policies.md): a fusion network, a loss generator, a task and a
+// fusion loss of your own, composed by the same bilevel optimiser and trained on synthetic scenes.
 //
 //   build/examples/custom_policies
 #include <tdfusion/tdfusion.hpp>
@@ -61,14 +61,26 @@ class ForegroundTaskImpl : public torch::nn::Module {
 };
 TORCH_MODULE(ForegroundTask);
 
+// Fusion loss: the learned weights on an L1 intensity term, plus the paper's gradient term at half weight.
+struct L1IntensityLoss {
+  torch::Tensor operator()(const torch::Tensor& fused, const torch::Tensor& ir, const torch::Tensor& vi,
+                           const torch::Tensor& weights) const {
+    const torch::Tensor intensity =
+        (weights.narrow(1, 0, 1) * (ir - fused)).abs().mean() + (weights.narrow(1, 1, 1) * (vi - fused)).abs().mean();
+    return intensity + 0.5 * tdfusion::loss::fusion_loss(fused, ir, vi, weights).gradient;
+  }
+};
+
 int main() {
   torch::manual_seed(0);
-  using Trainer = tdfusion::meta::BilevelOptimizer<BlendFusion, PixelWeights, ForegroundTask>;
+  using Trainer = tdfusion::meta::BilevelOptimizer<BlendFusion, PixelWeights, ForegroundTask, L1IntensityLoss>;
   Trainer trainer(BlendFusion(), PixelWeights(), ForegroundTask(),
                   tdfusion::meta::BilevelOptions().epochs(3).meta_steps_per_epoch(8).fusion_lr(1e-2).task_lr(1e-2));
   tdfusion::data::SyntheticScenes scenes(tdfusion::data::SyntheticScenesOptions().count(16).scene_height(64).scene_width(64)
                                              .task_height(64).task_width(64).crop_size(48));
-  trainer.fit(scenes, tdfusion::meta::PrintLosses(std::cout));
+  const tdfusion::meta::FitResult result = trainer.fit(scenes, tdfusion::meta::PrintLosses(std::cout));
+  std::cout << "trained " << result.epoch << " epochs; last meta step's outer task loss "
+            << result.last_meta_step->task_loss << '\n';
   const auto pair = scenes.scene(0);
   const torch::Tensor weights = trainer.loss_generator()->forward(pair.ir.unsqueeze(0), pair.vi.unsqueeze(0));
   std::cout << "mean learned infrared weight on scene 0: " << weights.select(1, 0).mean().item<double>() << '\n';

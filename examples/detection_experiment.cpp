@@ -178,7 +178,7 @@ void write_figure(const std::string& path, const Split& split, fusion::LightFusi
     std::vector<torch::Tensor> tiles = {ir, vi, w_ir, fusion::fuse_images(learned, ir, vi, raw),
                                         fusion::fuse_images(fixed, ir, vi, raw)};
     for (auto& tile : tiles) {
-      tile = data::detail::resize_images(tile.unsqueeze(0), ir.size(1) / 2, ir.size(2) / 2)[0];
+      tile = nn::resize_bilinear(tile.unsqueeze(0), ir.size(1) / 2, ir.size(2) / 2)[0];
       tile = torch::constant_pad_nd(tile, {2, 2, 2, 2}, 1.0);  // white frame
     }
     rows.push_back(torch::cat(tiles, 2));

@@ -1,13 +1,17 @@
 // The `tdfusion` command, run as a user would: outputs on real pairs, exit codes and messages on bad input.
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/data/synthetic_scenes.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
 #include "tdfusion/io/checkpoint.hpp"
 #include "tdfusion/io/image.hpp"
 #include "tdfusion/lossgen/lpn.hpp"
+#include "tdfusion/meta/run_folder.hpp"
 #include "tdfusion/task/segmentation.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -18,6 +22,8 @@
 #include <unistd.h>
 
 namespace {
+
+using namespace tdfusion::test;
 
 namespace fs = std::filesystem;
 const std::string kShared = TDFUSION_SHARED_DIR;
@@ -40,16 +46,6 @@ Run run_cli(const std::string& arguments) {
   return run;
 }
 
-struct Scratch {
-  fs::path dir;
-  explicit Scratch(const std::string& name)
-      : dir(fs::temp_directory_path() / ("tdfusion_cli_" + name + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~Scratch() { fs::remove_all(dir); }
-  std::string operator/(const std::string& name) const { return (dir / name).string(); }
-};
 
 std::string quoted(const std::string& path) { return "'" + path + "'"; }
 
@@ -68,27 +64,34 @@ void link_pairs(const std::string& set, const fs::path& root, size_t count) {
 
 }  // namespace
 
-TEST_CASE("tdfusion fuse on real TNO and MSRS pairs writes images of the sources' size and mode") {
-  if (!fs::is_directory(kShared + "/data/tno")) {
-    MESSAGE("skipped: shared data folder " << kShared << "/data is absent");
-    return;
-  }
+TEST_CASE("tdfusion fuse on the real example pairs writes images of the sources' size and mode") {
   Scratch scratch("real");
-  for (const auto& [set, colour] : {std::pair<std::string, bool>{"tno", false}, {"msrs", true}}) {
-    link_pairs(set, scratch.dir / set, 2);
-    const Run run = run_cli("fuse --ir " + quoted(scratch / (set + "/ir")) + " --vi " + quoted(scratch / (set + "/vi")) +
-                             " --out " + quoted(scratch / (set + "/fused")));
-    INFO(run.output);
-    REQUIRE(run.exit_code == 0);
-    for (const auto& entry : fs::directory_iterator(scratch.dir / set / "ir")) {
-      const std::string stem = entry.path().stem().string();
-      const torch::Tensor source = tdfusion::io::read_image(entry.path().string());
-      const torch::Tensor fused = tdfusion::io::read_image(scratch / (set + "/fused/" + stem + ".png"));
-      CHECK(fused.size(1) == source.size(1));
-      CHECK(fused.size(2) == source.size(2));
-      CHECK(fused.size(0) == (colour ? 3 : 1));  // TNO is grey in RGB files; MSRS's visible images are colour
-      CHECK(fused.std().item<double>() > 0.02);   // an image, not a constant
-    }
+  const Run run = run_cli("fuse --ir " + quoted(kExampleData + "/ir") + " --vi " + quoted(kExampleData + "/vi") +
+                          " --out " + quoted(scratch / "fused"));
+  INFO(run.output);
+  REQUIRE(run.exit_code == 0);
+  int pairs = 0;
+  for (const auto& entry : fs::directory_iterator(kExampleData + "/ir")) {
+    const std::string stem = entry.path().stem().string();
+    const torch::Tensor ir = tdfusion::io::read_image(entry.path().string());
+    const torch::Tensor fused = tdfusion::io::read_image(scratch / ("fused/" + stem + ".png"));
+    INFO(stem);
+    CHECK(fused.size(1) == ir.size(1));
+    CHECK(fused.size(2) == ir.size(2));
+    CHECK(fused.size(0) == (stem == "tno_05" ? 1 : 3));  // TNO's grey images are RGB files with equal channels
+    CHECK(fused.std().item<double>() > 0.02);                   // an image, not a constant
+    ++pairs;
+  }
+  CHECK(pairs == 4);
+}
+
+TEST_CASE("tdfusion demo fuses a synthetic pair and the shipped example pairs") {
+  Scratch scratch("demo");
+  const Run run = run_cli("demo --out " + quoted(scratch / "demo"));
+  INFO(run.output);
+  REQUIRE(run.exit_code == 0);
+  for (const char* name : {"synthetic", "msrs_00537D", "msrs_00881N", "roadscene_037", "tno_05"}) {
+    for (const char* suffix : {"_ir", "_vi", "_fused"}) CHECK(fs::exists(scratch / ("demo/" + std::string(name) + suffix + ".png")));
   }
 }
 
@@ -163,17 +166,122 @@ TEST_CASE("tdfusion fuse fails with exit code 1 and names the file for bad data,
   CHECK(run.output.find("contains no images") != std::string::npos);
 }
 
-TEST_CASE("tdfusion usage errors exit with code 2; --help exits with 0") {
+TEST_CASE("tdfusion usage errors exit with code 2 and a one-line message; --help exits with 0") {
   CHECK(run_cli("").exit_code == 2);
   CHECK(run_cli("fuse --ir a.png").exit_code == 2);
   CHECK(run_cli("frobnicate").exit_code == 2);
   CHECK(run_cli("train --fusion resnet").exit_code == 2);
-  CHECK(run_cli("train --task-size 12by5").exit_code == 2);
-  for (const char* help : {"--help", "fuse --help", "train --help", "demo --help"}) {
+  Scratch scratch("usage");
+  const std::string image = scratch / "a.png";
+  tdfusion::io::write_image(image, torch::rand({1, 8, 8}));
+  const std::string fuse = "fuse --ir " + quoted(image) + " --vi " + quoted(image) + " --out " + quoted(scratch / "f.png");
+  struct Case {
+    std::string arguments, fragment;
+  };
+  std::vector<Case> cases = {
+      {"--threads 100000 " + fuse, "--threads"},
+      {"--threads 0 " + fuse, "--threads"},
+      {"--threads -1 " + fuse, "--threads"},
+      {fuse + " --device nonsense", "expected cpu, cuda or cuda:N"},
+      {fuse + " --device meta", "expected cpu, cuda or cuda:N"},
+      {fuse + " --tile 0", "--tile"},
+      {fuse + " --tile 99999999999", "--tile"},
+      {"train --meta-lr -1", "expected a learning rate in (0, 10]"},
+      {"train --meta-lr nan", "expected a learning rate in (0, 10]"},
+      {"train --fusion-lr nan", "expected a learning rate in (0, 10]"},
+      {"train --fusion-lr 1e308", "expected a learning rate in (0, 10]"},
+      {"train --task-size 12by5 --out " + quoted(scratch / "run"), "--task-size: expected HxW"},
+      {"train --batch 1000 --out " + quoted(scratch / "run"), "--batch"},
+      {"train --scenes 2 --batch 4 --out " + quoted(scratch / "run"), "--batch 4 exceeds the 2 synthetic scenes"},
+      {"train --val-every 3 --out " + quoted(scratch / "run"), "--val-every needs --data"},
+  };
+  if (!torch::cuda::is_available()) cases.push_back({fuse + " --device cuda", "no CUDA device is available"});
+  for (const Case& c : cases) {
+    const Run run = run_cli(c.arguments);
+    INFO(c.arguments << ": " << run.output);
+    CHECK(run.exit_code == 2);
+    CHECK(run.output.find(c.fragment) != std::string::npos);
+    CHECK(run.output.find("179769") == std::string::npos);  // no DBL_MAX written out in full
+    CHECK(std::count(run.output.begin(), run.output.end(), '\n') <= 2);
+  }
+  CHECK_FALSE(fs::exists(scratch / "f.png"));
+  CHECK_FALSE(fs::exists(scratch / "run/config.json"));
+  for (const char* help : {"--help", "fuse --help", "train --help", "eval --help", "demo --help"}) {
     const Run run = run_cli(help);
     CHECK(run.exit_code == 0);
     CHECK(run.output.find("Usage") != std::string::npos);
   }
+}
+
+TEST_CASE("tdfusion fuse refuses outputs that would replace an input, and checks every pair before writing") {
+  Scratch scratch("replace");
+  fs::create_directories(scratch.dir / "ir");
+  fs::create_directories(scratch.dir / "vi");
+  for (const char* name : {"a", "b", "c"}) {
+    tdfusion::io::write_image(scratch / ("ir/" + std::string(name) + ".png"), torch::rand({1, 16, 16}));
+    tdfusion::io::write_image(scratch / ("vi/" + std::string(name) + ".png"), torch::rand({1, 16, 16}));
+  }
+  const std::string ir = scratch / "ir/a.png", vi = scratch / "vi/a.png", before = file_bytes(ir);
+  fs::create_symlink(ir, scratch.dir / "alias.png");
+  for (const std::string& out : {ir, vi, scratch / "alias.png", scratch / "ir/../ir/a.png"}) {
+    const Run run = run_cli("fuse --ir " + quoted(ir) + " --vi " + quoted(vi) + " --out " + quoted(out));
+    INFO(out << ": " << run.output);
+    CHECK(run.exit_code == 2);
+    CHECK(run.output.find("would replace an input image") != std::string::npos);
+  }
+  const std::string folders = "fuse --ir " + quoted(scratch / "ir") + " --vi " + quoted(scratch / "vi") + " --out ";
+  for (const std::string& out : {scratch / "ir", scratch / "vi/"}) {
+    const Run run = run_cli(folders + quoted(out));
+    INFO(run.output);
+    CHECK(run.exit_code == 2);
+    CHECK(run.output.find("is an input folder") != std::string::npos);
+  }
+  CHECK(file_bytes(ir) == before);
+  // A bad pair in the middle of the folder fails before the first output is written.
+  std::ofstream(scratch / "vi/b.png", std::ios::trunc) << "not an image";
+  const Run run = run_cli(folders + quoted(scratch / "out"));
+  CHECK(run.exit_code == 1);
+  CHECK(run.output.find("vi/b.png") != std::string::npos);
+  CHECK((!fs::exists(scratch.dir / "out") || fs::is_empty(scratch.dir / "out")));
+}
+
+TEST_CASE("tdfusion train keeps its run folder consistent: one process, the same options on --resume") {
+  Scratch scratch("runfolder");
+  const std::string run_dir = scratch / "run";
+  const std::string data = " --scenes 4 --scene-size 32 --crop 24 --meta-steps 1 --fusion-lr 1e-3 --task-lr 1e-3 --out " +
+                           quoted(run_dir);
+  const std::string common = " --fusion light --task small-seg" + data;
+  REQUIRE(run_cli("train --epochs 1" + common).exit_code == 0);
+  const std::string config = file_bytes(run_dir + "/config.json"), checkpoint = file_bytes(run_dir + "/checkpoint.pt");
+  // Another loss, fusion network or task on --resume: refused before anything is written, naming the change.
+  const std::vector<std::pair<std::string, std::string>> changes = {
+      {" --fusion light --task small-seg --loss fixed", "--loss \"fixed\" (the run was trained with \"lpn\")"},
+      {" --fusion refusion --task small-seg", "--fusion \"refusion\" (the run was trained with \"light\")"},
+      {" --fusion light --task segformer", "--task \"segformer\" (the run was trained with \"small-seg\")"}};
+  for (const auto& [change, message] : changes) {
+    const Run run = run_cli("train --epochs 2 --resume" + change + data);
+    INFO(change << ": " << run.output);
+    CHECK(run.exit_code == 2);
+    CHECK(run.output.find(message) != std::string::npos);
+  }
+  Run run;
+  // Training again into a folder that holds a run needs --resume.
+  run = run_cli("train --epochs 1" + common);
+  CHECK(run.exit_code == 2);
+  CHECK(run.output.find("already holds a run") != std::string::npos);
+  CHECK(file_bytes(run_dir + "/config.json") == config);
+  CHECK(file_bytes(run_dir + "/checkpoint.pt") == checkpoint);
+  // Another process holding the run folder (here: this test) makes a second one fail at once.
+  {
+    const tdfusion::meta::RunFolder held(run_dir);
+    run = run_cli("train --epochs 2 --resume" + common);
+    CHECK(run.exit_code == 1);
+    CHECK(run.output.find("is in use by another tdfusion process") != std::string::npos);
+  }
+  CHECK(file_bytes(run_dir + "/checkpoint.pt") == checkpoint);
+  run = run_cli("train --epochs 2 --resume" + common);
+  CHECK(run.exit_code == 0);
+  CHECK(run.output.find("resuming") != std::string::npos);
 }
 
 TEST_CASE("tdfusion train rejects labels with out-of-range class ids, naming the file") {
@@ -189,6 +297,26 @@ TEST_CASE("tdfusion train rejects labels with out-of-range class ids, naming the
   CHECK(run.output.find("label/a.png") != std::string::npos);
   CHECK(run.output.find("7") != std::string::npos);
   CHECK_FALSE(fs::exists(scratch / "run/checkpoint.pt"));
+}
+
+TEST_CASE("tdfusion train checks every label file before the first step") {
+  Scratch scratch("yolo");
+  for (const char* folder : {"ir", "vi", "boxes"}) fs::create_directories(scratch.dir / folder);
+  for (int i = 0; i < 8; ++i) {
+    const std::string name = "p" + std::to_string(i);
+    tdfusion::io::write_image(scratch / ("ir/" + name + ".png"), torch::rand({1, 32, 32}));
+    tdfusion::io::write_image(scratch / ("vi/" + name + ".png"), torch::rand({1, 32, 32}));
+    std::ofstream(scratch / ("boxes/" + name + ".txt")) << "0 0.5 0.5 0.2 0.2\n" << (i == 7 ? "1 0.5 nope 0.2 0.2\n" : "");
+  }
+  const Run run = run_cli("train --data " + quoted(scratch.dir.string()) + " --labels " + quoted(scratch / "boxes") +
+                          " --classes 2 --task small-det --fusion light --epochs 1 --meta-steps 1 --crop 16 --out " +
+                          quoted(scratch / "run"));
+  INFO(run.output);
+  CHECK(run.exit_code == 1);
+  CHECK(run.output.find("boxes/p7.txt") != std::string::npos);
+  CHECK(run.output.find("p7.txt:2") != std::string::npos);  // file and line
+  CHECK_FALSE(fs::exists(scratch / "run/log.jsonl"));  // no step was taken
+  CHECK_FALSE(fs::exists(scratch / "run/config.json"));
 }
 
 TEST_CASE("tdfusion train on synthetic scenes writes a checkpoint, a JSON-lines log and weights; --resume continues") {
@@ -315,17 +443,21 @@ TEST_CASE("tdfusion train --nproc 2 (Gloo on loopback) gives the parameters of o
   CHECK(worst < 1e-5);
 
   const Run uneven = run_cli(common + quoted(scratch / "three") + " --nproc 2 --batch 3");
-  CHECK(uneven.exit_code == 1);
-  CHECK(uneven.output.find("batch_pairs (3) must be a multiple of the number of processes (2)") != std::string::npos);
+  CHECK(uneven.exit_code == 2);
+  CHECK(uneven.output.find("--batch 3 is not a multiple of the 2 processes") != std::string::npos);
 
   // On CUDA each process needs a GPU of its own.
   const Run one_gpu = run_cli(common + quoted(scratch / "four") + " --batch 2 --nproc 2 --device cuda:1");
-  CHECK(one_gpu.exit_code == 1);
-  CHECK(one_gpu.output.find("--nproc 2 takes --device cuda, not cuda:1") != std::string::npos);
-  if (torch::cuda::device_count() < 2) {
+  CHECK(one_gpu.exit_code == 2);
+  if (!torch::cuda::is_available()) {
+    CHECK(one_gpu.output.find("no CUDA device is available") != std::string::npos);
+  } else {
+    CHECK(one_gpu.output.find("2 processes take the device cuda, not cuda:1") != std::string::npos);
+  }
+  if (torch::cuda::is_available() && torch::cuda::device_count() < 2) {
     const Run too_few = run_cli(common + quoted(scratch / "five") + " --batch 2 --nproc 2 --device cuda");
-    CHECK(too_few.exit_code == 1);
-    CHECK(too_few.output.find("--nproc 2 with --device cuda needs 2 GPUs (NCCL runs one process per GPU), but this "
+    CHECK(too_few.exit_code == 2);
+    CHECK(too_few.output.find("2 processes on cuda need 2 GPUs (NCCL runs one process per GPU), but this "
                               "machine has " + std::to_string(torch::cuda::device_count())) != std::string::npos);
   }
 }

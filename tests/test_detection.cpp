@@ -4,6 +4,8 @@
 // through the bilevel optimiser against finite differences.
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/core/autograd.hpp"
 #include "tdfusion/data/synthetic_scenes.hpp"
 #include "tdfusion/data/yolo_labels.hpp"
@@ -24,6 +26,8 @@
 
 namespace {
 
+using namespace tdfusion::test;
+
 using namespace tdfusion;
 using task::DetectionTarget;
 using DetBatch = data::PairBatch<DetectionTarget>;
@@ -33,22 +37,6 @@ static_assert(traits::check_task_policy<task::Yolov8Detector>());
 static_assert(traits::check_task_policy<task::SmallDetector>());
 static_assert(std::is_same_v<task::SmallDetectorImpl::Target, DetectionTarget>);
 
-int64_t count_parameters(const torch::nn::Module& module) {
-  int64_t total = 0;
-  for (const auto& p : module.parameters()) total += p.numel();
-  return total;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "(no exception)";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 torch::Tensor boxes_of(std::initializer_list<std::initializer_list<double>> rows) {
   std::vector<torch::Tensor> parts;
@@ -280,7 +268,7 @@ TEST_CASE("detector output shapes, padding to multiples of 32, parameter counts"
     CHECK(forward(torch::rand({2, 1, 64, 96})).sizes() == torch::IntArrayRef({2, 67, 126}));
     CHECK(forward(torch::rand({1, 1, 50, 70})).sizes() == torch::IntArrayRef({1, 67, 126}));
   }
-  CHECK(contains(error_of([&] { yolo->forward(torch::rand({1, 3, 64, 64})); }), "must be N x 1 x H x W"));
+  CHECK(contains(error_message([&] { yolo->forward(torch::rand({1, 3, 64, 64})); }), "must have 1 channel"));
   CHECK(yolo->layout(50, 70).input_height == 64);
   CHECK(yolo->layout(50, 70).input_width == 96);
 
@@ -348,8 +336,8 @@ TEST_CASE("the YOLOv8 loss: finite, differentiable twice in the image, trainable
   DetectionTarget bad = target;
   bad.boxes = target.boxes.clone();
   bad.boxes[0][1] = 2.0;
-  CHECK(contains(error_of([&] { small->loss(image, bad); }), "class id outside [0, 2)"));
-  CHECK(contains(error_of([&] { small->loss(torch::cat({image, image}), target); }), "is for 1 images but the batch has 2"));
+  CHECK(contains(error_message([&] { small->loss(image, bad); }), "class id outside [0, 2)"));
+  CHECK(contains(error_message([&] { small->loss(torch::cat({image, image}), target); }), "is for 1 images but the batch has 2"));
   // No boxes: class loss only, still a graph.
   const auto empty = small->loss_parts(image, DetectionTarget::from_images({torch::zeros({0, 5})}));
   CHECK(std::isfinite(empty.total.item<double>()));
@@ -456,12 +444,12 @@ TEST_CASE("YOLO label files") {
                          Bad{"nan.txt", "0 0.5 0.5 nan 0.1\n", 1, "w 'nan' is not a number"},
                          Bad{"suffix.txt", "0 0.5 0.5 0.1 0.1x\n", 1, "h '0.1x' is not a number"}}) {
     const std::string path = write(bad.name, bad.text);
-    const std::string message = error_of([&] { data::read_yolo_labels(path, 3); });
+    const std::string message = error_message([&] { data::read_yolo_labels(path, 3); });
     CAPTURE(message);
     CHECK(contains(message, path + ":" + std::to_string(bad.line) + ":"));
     CHECK(contains(message, bad.fragment));
   }
-  CHECK(contains(error_of([&] { data::read_yolo_labels((dir / "missing.txt").string(), 3); }), "missing.txt"));
+  CHECK(contains(error_message([&] { data::read_yolo_labels((dir / "missing.txt").string(), 3); }), "missing.txt"));
   std::filesystem::remove_all(dir);
 
   // A real file of the MSRS detection labels (spaces in runs), when the shared data is there.
@@ -520,11 +508,11 @@ TEST_CASE("detection targets in batches: concatenation, modality swap, devices")
   CHECK(torch::equal(a.image_boxes(1), torch::tensor({{1.0f, 0.5f, 0.5f, 0.2f, 0.2f}, {0.0f, 0.1f, 0.1f, 0.1f, 0.1f}})));
   const DetectionTarget b = DetectionTarget::from_images({torch::tensor({{2.0f, 0.3f, 0.3f, 0.1f, 0.1f}})});
   // Concatenation shifts b's indices past a's two images (the first of which has no box).
-  const DetectionTarget ab = data::TargetTraits<DetectionTarget>::concat({a, b});
+  const DetectionTarget ab = TargetTraits<DetectionTarget>::concat({a, b});
   CHECK(ab.batch_size == 3);
   CHECK(torch::equal(ab.boxes.select(1, 0), torch::tensor({1.0f, 1.0f, 2.0f})));
   CHECK(torch::equal(ab.image_boxes(2), b.image_boxes(0)));
-  CHECK(data::TargetTraits<DetectionTarget>::to(ab, torch::kCPU).batch_size == 3);
+  CHECK(TargetTraits<DetectionTarget>::to(ab, torch::kCPU).batch_size == 3);
 
   DetBatch batch = scene_batch(32, 3, 24, torch::kFloat);
   const int64_t k = batch.target.boxes.size(0);
@@ -566,7 +554,7 @@ double detection_hypergradient_error(task::DetectionLossOptions loss_options) {
     task::SmallDetector& net = trainer.task()->net();
     torch::optim::Adam adam(net->parameters(), torch::optim::AdamOptions(1e-2));
     const torch::Tensor image = torch::cat({(test.ir + test.vi) / 2, (train.ir + train.vi) / 2});
-    const DetectionTarget target = data::TargetTraits<DetectionTarget>::concat({test.target, train.target});
+    const DetectionTarget target = TargetTraits<DetectionTarget>::concat({test.target, train.target});
     for (int step = 0; step < 15; ++step) {
       adam.zero_grad();
       net->loss(image, target).backward();
@@ -582,43 +570,11 @@ double detection_hypergradient_error(task::DetectionLossOptions loss_options) {
   trainer.task()->freeze(false);
   const auto grads = gradients(trainer.meta_objective(train, test), phi);  // records the assignment
   trainer.task()->freeze(true);
-  std::vector<torch::Tensor> flat;
-  for (const auto& g : grads) flat.push_back(g.flatten());
-  const torch::Tensor all = torch::cat(flat);
-  REQUIRE(all.abs().max().item<double>() > 0.0);
-
-  std::vector<torch::Tensor> directions{all / all.norm()};
-  const torch::Tensor top = std::get<1>(all.abs().topk(3));
-  for (int64_t i = 0; i < 3; ++i) {
-    directions.push_back(torch::zeros_like(all));
-    directions.back()[top[i].item<int64_t>()] = 1.0;
-  }
-  auto derivative = [&](const torch::Tensor& dir) {
-    auto shift = [&](double s) {
-      torch::NoGradGuard no_grad;
-      int64_t offset = 0;
-      for (const auto& p : phi) {
-        p.add_(dir.narrow(0, offset, p.numel()).view_as(p), s);
-        offset += p.numel();
-      }
-    };
-    const double h = 1e-5;
-    shift(h);
-    const double plus = trainer.meta_objective(train, test).item<double>();
-    shift(-2 * h);
-    const double minus = trainer.meta_objective(train, test).item<double>();
-    shift(h);
-    return (plus - minus) / (2 * h);
-  };
-  double worst = 0.0;
-  for (const auto& dir : directions) {
-    const double analytic = (all * dir).sum().item<double>();
-    const double numeric = derivative(dir);
-    MESSAGE("directional derivative: analytic " << analytic << ", finite difference " << numeric);
-    worst = std::max(worst, std::abs(analytic - numeric) / std::abs(numeric));
-  }
+  auto objective = [&] { return trainer.meta_objective(train, test).item<double>(); };
+  const double worst = worst_directional_error(phi, grads, objective, 3);
   trainer.task()->freeze(false);
-  MESSAGE("along the gradient with the assignment free to move: finite difference " << derivative(directions[0]));
+  MESSAGE("along the gradient with the assignment free to move: relative error "
+          << worst_directional_error(phi, grads, objective, 0));
 
   // And a real meta step runs and leaves the detector as it was.
   std::vector<torch::Tensor> before;

@@ -486,7 +486,7 @@ TEST_CASE("PairedFolder validates the folder layout and names the offending file
                     vi_path = (dir.path / "vi" / "pair1.bmp").string();
   io::write_image(vi_path, torch::rand({3, 8, 10}));
   for (const std::string& message : {error_message([&] { PairedFolder{root}; }), error_message([&] {
-                                       PairedFolder(root, PairedFolderOptions().check_headers(false)).get(1);
+                                       PairedFolder(root, PairedFolderOptions().check_files(false)).get(1);
                                      })}) {
     CHECK(contains(message, ir_path));
     CHECK(contains(message, vi_path));
@@ -506,7 +506,7 @@ TEST_CASE("PairedFolder validates the folder layout and names the offending file
 
   // A file that stops being readable after the scan is reported when read.
   std::ofstream(ir_path, std::ios::trunc) << "garbage";
-  CHECK_THROWS_WITH_AS(PairedFolder(root, PairedFolderOptions().num_classes(2).check_headers(false)).get(1),
+  CHECK_THROWS_WITH_AS(PairedFolder(root, PairedFolderOptions().num_classes(2).check_files(false)).get(1),
                        doctest::Contains(ir_path.c_str()), c10::Error);
 
   fs::create_directories(dir.path / "empty" / "ir");

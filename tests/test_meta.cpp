@@ -1,6 +1,8 @@
 // The bilevel optimiser: exact hypergradients, the second-order pitfall, fast weights, snapshots, training.
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/data/concat_dataset.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
 #include "tdfusion/fusion/refusion.hpp"
@@ -52,47 +54,14 @@ bool all_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Ten
   return true;
 }
 
-/// Compares the analytic hypergradient dL_task/dphi with central finite differences in double precision,
-/// along the best-conditioned directions: the normalised gradient itself and the unit vectors of its
-/// `coordinates` largest entries. (Random directions give derivatives so small against the objective that
-/// round-off dominates the difference quotient.) Returns the worst relative error.
+/// Worst relative error of the analytic hypergradient dL_task/dphi against central finite differences in double
+/// precision (tests/support.hpp: along the normalised gradient and its `coordinates` largest entries).
 template <class Trainer>
 double hypergradient_error(Trainer& trainer, const SegBatch& train, const SegBatch& test, int coordinates) {
   const auto phi = trainer.loss_generator()->parameters();
   const auto grads = gradients(trainer.meta_objective(train, test), phi);
-  std::vector<torch::Tensor> flat;
-  for (const auto& g : grads) flat.push_back(g.flatten());
-  const torch::Tensor all = torch::cat(flat);
-  REQUIRE(all.abs().max().item<double>() > 0.0);  // the check would be empty without a gradient
-
-  std::vector<torch::Tensor> directions{all / all.norm()};
-  const torch::Tensor top = std::get<1>(all.abs().topk(coordinates));
-  for (int64_t i = 0; i < coordinates; ++i) {
-    directions.push_back(torch::zeros_like(all));
-    directions.back()[top[i].item<int64_t>()] = 1.0;
-  }
-  double worst = 0.0;
-  for (const auto& dir : directions) {
-    const double analytic = (all * dir).sum().item<double>();
-    auto shift = [&](double s) {
-      torch::NoGradGuard no_grad;
-      int64_t offset = 0;
-      for (const auto& p : phi) {
-        p.add_(dir.narrow(0, offset, p.numel()).view_as(p), s);
-        offset += p.numel();
-      }
-    };
-    const double h = 1e-5;
-    shift(h);
-    const double plus = trainer.meta_objective(train, test).template item<double>();
-    shift(-2 * h);
-    const double minus = trainer.meta_objective(train, test).template item<double>();
-    shift(h);
-    const double numeric = (plus - minus) / (2 * h);
-    MESSAGE("directional derivative: analytic " << analytic << ", finite difference " << numeric);
-    worst = std::max(worst, std::abs(analytic - numeric) / std::abs(numeric));
-  }
-  return worst;
+  return test::worst_directional_error(
+      phi, grads, [&] { return trainer.meta_objective(train, test).template item<double>(); }, coordinates);
 }
 
 meta::BilevelOptions double_options() {
@@ -242,12 +211,69 @@ TEST_CASE("a short CPU training run on synthetic scenes lowers the task loss and
   CHECK(epochs.back().fusion_loss < 0.8 * epochs.front().fusion_loss);
 }
 
-TEST_CASE("a callback returning true stops training early") {
+TEST_CASE("a callback returning true stops training early; fit says why it stopped") {
   LightTrainer trainer = light_trainer(meta::BilevelOptions().epochs(5));
   int64_t calls = 0;
-  trainer.fit(small_scenes(), [&](const meta::TrainStepReport&) { return ++calls == 3; });
+  const meta::FitResult stopped = trainer.fit(small_scenes(), [&](const meta::TrainStepReport&) { return ++calls == 3; });
   CHECK(calls == 3);
   CHECK(trainer.epoch() == 0);  // the interrupted epoch does not count
+  CHECK(stopped.stop == meta::FitStop::callback);
+  CHECK(stopped.epoch == 0);
+  REQUIRE(stopped.last_train_step.has_value());
+  CHECK(stopped.last_train_step->step == 2);
+  CHECK(stopped.last_train_step->steps == 8);
+  CHECK(stopped.last_train_step->epochs == 5);
+  CHECK(stopped.last_meta_step.has_value());
+  CHECK_FALSE(stopped.last_epoch.has_value());
+
+  LightTrainer full = light_trainer(meta::BilevelOptions().epochs(2));
+  const meta::FitResult done = full.fit(small_scenes());
+  CHECK(done.stop == meta::FitStop::completed);
+  CHECK(done.epoch == 2);
+  REQUIRE(done.last_epoch.has_value());
+  CHECK(done.last_epoch->epoch == 1);
+  CHECK(done.last_meta_step->step == 1);
+  CHECK(done.last_meta_step->steps == 2);
+  CHECK_FALSE(done.last_validation.has_value());
+}
+
+namespace {
+
+/// Breaks the fusion policy's contract: forward_with reads the module's own weights instead of the ParamView.
+class OwnWeightsFusionImpl : public torch::nn::Module {
+ public:
+  OwnWeightsFusionImpl() { conv_ = register_module("conv", nn::Conv(2, 1, 3, 1, /*bias=*/true)); }
+  torch::Tensor forward_with(const ParamView&, const torch::Tensor& ir, const torch::Tensor& vi) const {
+    return torch::sigmoid(conv_->forward_with(ParamView(*conv_), torch::cat({ir, vi}, 1)));
+  }
+  torch::Tensor forward(const torch::Tensor& ir, const torch::Tensor& vi) { return forward_with(ParamView(*this), ir, vi); }
+
+ private:
+  nn::Conv conv_{nullptr};
+};
+TORCH_MODULE(OwnWeightsFusion);
+
+}  // namespace
+
+TEST_CASE("a fusion policy whose forward_with ignores its ParamView stops at the first meta step") {
+  torch::manual_seed(3);
+  meta::BilevelOptimizer<OwnWeightsFusion, lossgen::Lpn, task::SmallSegNet> trainer(
+      OwnWeightsFusion(), lossgen::Lpn(), task::SmallSegNet(task::SmallSegNetOptions().num_classes(data::kSceneClasses)),
+      meta::BilevelOptions().epochs(1).meta_steps_per_epoch(2));
+  const auto generator = snapshot(trainer.loss_generator()->parameters());
+  int64_t meta_steps = 0;
+  const std::string message = [&] {
+    try {
+      trainer.fit(small_scenes(), [&](const meta::MetaStepReport&) { ++meta_steps; });
+    } catch (const c10::Error& error) {
+      return std::string(error.what_without_backtrace());
+    }
+    return std::string("(no error)");
+  }();
+  CHECK(message.find("forward_with ignores the ParamView it is given") != std::string::npos);
+  CHECK(message.find("first meta step") != std::string::npos);
+  CHECK(meta_steps == 0);
+  CHECK(all_equal(generator, trainer.loss_generator()->parameters()));  // G was not updated
 }
 
 TEST_CASE("each epoch visits every pair once, in an order of its own drawn from the seed") {

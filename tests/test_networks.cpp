@@ -1,6 +1,8 @@
 // Networks of the paper: parameter counts, names, shapes, and the fusion loss.
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/fusion/light_fusion.hpp"
 #include "tdfusion/fusion/refusion.hpp"
 #include "tdfusion/loss/fusion_loss.hpp"
@@ -15,11 +17,7 @@
 
 namespace {
 
-int64_t count_parameters(const torch::nn::Module& module) {
-  int64_t total = 0;
-  for (const auto& p : module.parameters()) total += p.numel();
-  return total;
-}
+using namespace tdfusion::test;
 
 }  // namespace
 
@@ -66,22 +64,6 @@ namespace {
 
 const std::string kFixtureDir = std::string(TDFUSION_SHARED_DIR) + "/fixtures/refusion-state-dict";
 
-std::filesystem::path scratch_dir(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / ("tdfusion_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return dir;
-}
-
-template <class Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
 }  // namespace
 
 TEST_CASE("ReFusion loaded from a PyTorch state_dict reproduces PyTorch's output") {
@@ -108,7 +90,8 @@ TEST_CASE("ReFusion loaded from a PyTorch state_dict reproduces PyTorch's output
 TEST_CASE("a state_dict written in the released layout reads back into an identical network") {
   torch::manual_seed(3);
   tdfusion::fusion::ReFusion source, copy;
-  const auto dir = scratch_dir("state_dict");
+  const tdfusion::test::Scratch scratch("state_dict");
+  const auto& dir = scratch.dir;
   const std::string path = (dir / "refusion.pth").string();
   tdfusion::io::write_torch_state_dict(path, tdfusion::io::released_layout(*source));
   const auto state = tdfusion::io::read_torch_state_dict(path);
@@ -122,17 +105,17 @@ TEST_CASE("a state_dict written in the released layout reads back into an identi
     tdfusion::ParamDict missing = tdfusion::io::released_layout(*source);
     missing.erase("project_out_1.weight");
     missing.erase("project_out_1.conv.weight");
-    CHECK(error_of([&] { tdfusion::io::load_state_dict(*copy, missing, "m.pth"); }).find("m.pth has no entry 'project_out_1.weight'") != std::string::npos);
+    CHECK(error_message([&] { tdfusion::io::load_state_dict(*copy, missing, "m.pth"); }).find("m.pth has no entry 'project_out_1.weight'") != std::string::npos);
     tdfusion::ParamDict wrong = tdfusion::io::released_layout(*source);
     wrong["FM.temperature1"] = torch::ones({4, 1, 1});
-    CHECK(error_of([&] { tdfusion::io::load_state_dict(*copy, wrong, "w.pth"); }).find("'FM.temperature1' has shape [4, 1, 1]") != std::string::npos);
+    CHECK(error_message([&] { tdfusion::io::load_state_dict(*copy, wrong, "w.pth"); }).find("'FM.temperature1' has shape [4, 1, 1]") != std::string::npos);
     tdfusion::ParamDict extra = tdfusion::io::released_layout(*source);
     extra.insert("head.bias", torch::zeros({1}));
-    CHECK(error_of([&] { tdfusion::io::load_state_dict(*copy, extra, "x.pth"); }).find("does not know: head.bias") != std::string::npos);
+    CHECK(error_message([&] { tdfusion::io::load_state_dict(*copy, extra, "x.pth"); }).find("does not know: head.bias") != std::string::npos);
     const std::string text = (dir / "notes.pth").string();
     std::ofstream(text) << "not a zip";
-    CHECK(error_of([&] { tdfusion::io::read_torch_state_dict(text); }).find(text + " is not a PyTorch zip archive") != std::string::npos);
-    CHECK(error_of([&] { tdfusion::io::read_torch_state_dict((dir / "absent.pth").string()); }).find("cannot open") != std::string::npos);
+    CHECK(error_message([&] { tdfusion::io::read_torch_state_dict(text); }).find(text + " is not a PyTorch zip archive") != std::string::npos);
+    CHECK(error_message([&] { tdfusion::io::read_torch_state_dict((dir / "absent.pth").string()); }).find("cannot open") != std::string::npos);
   }
   std::filesystem::remove_all(dir);
 }

@@ -2,6 +2,8 @@
 // SmallSegNet shapes, parameter counts, gradients to the fused image (first and second order), training.
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/core/autograd.hpp"
 #include "tdfusion/task/segmentation.hpp"
 
@@ -12,6 +14,8 @@
 #include <utility>
 
 namespace {
+
+using namespace tdfusion::test;
 
 using tdfusion::task::SegFormer;
 using tdfusion::task::SegFormerImpl;
@@ -28,22 +32,6 @@ static_assert(std::is_same_v<decltype(std::declval<SegFormerImpl&>().loss(torch:
                              torch::Tensor>);
 static_assert(std::is_same_v<decltype(std::declval<SmallSegNetImpl&>().forward(torch::Tensor())), torch::Tensor>);
 
-int64_t count_parameters(const torch::nn::Module& module) {
-  int64_t total = 0;
-  for (const auto& p : module.parameters()) total += p.numel();
-  return total;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "(no exception)";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 // Bilinear resize, align_corners = false, written from the definition: output pixel i samples the input at
 // (i + 0.5) * in / out - 0.5, clamped at 0 on the low side, with the upper neighbour clamped to the last pixel.
@@ -150,22 +138,22 @@ TEST_CASE("segmentation_loss with every pixel ignored is zero and still differen
 TEST_CASE("segmentation_loss rejects malformed targets and names the bad class id") {
   const torch::Tensor logits = torch::randn({2, 9, 4, 4});
   const torch::Tensor good = torch::zeros({2, 4, 4}, torch::kLong);
-  CHECK(contains(error_of([&] { segmentation_loss(logits, good.unsqueeze(1)); }), "N x H x W"));
-  CHECK(contains(error_of([&] { segmentation_loss(logits, good.slice(0, 0, 1)); }), "batch size 1"));
-  CHECK(contains(error_of([&] { segmentation_loss(logits, good.to(torch::kFloat)); }), "integer class ids"));
-  CHECK(contains(error_of([&] { segmentation_loss(logits.flatten(2), good); }), "N x C x h x w"));
+  CHECK(contains(error_message([&] { segmentation_loss(logits, good.unsqueeze(1)); }), "N x H x W"));
+  CHECK(contains(error_message([&] { segmentation_loss(logits, good.slice(0, 0, 1)); }), "batch size 1"));
+  CHECK(contains(error_message([&] { segmentation_loss(logits, good.to(torch::kFloat)); }), "integer class ids"));
+  CHECK(contains(error_message([&] { segmentation_loss(logits.flatten(2), good); }), "N x C x h x w"));
 
   torch::Tensor bad = good.clone();
   bad.index_put_({1, 2, 3}, 12);
-  const std::string message = error_of([&] { segmentation_loss(logits, bad); });
+  const std::string message = error_message([&] { segmentation_loss(logits, bad); });
   CHECK(contains(message, "tdfusion: "));
   CHECK(contains(message, "class id 12"));
   CHECK(contains(message, "[0, 9)"));
   bad.index_put_({1, 2, 3}, -3);
-  CHECK(contains(error_of([&] { segmentation_loss(logits, bad); }), "class id -3"));
+  CHECK(contains(error_message([&] { segmentation_loss(logits, bad); }), "class id -3"));
   // 255 is an ordinary (bad) id unless it is the ignore label.
   bad.index_put_({1, 2, 3}, 255);
-  CHECK(contains(error_of([&] { segmentation_loss(logits, bad); }), "class id 255"));
+  CHECK(contains(error_message([&] { segmentation_loss(logits, bad); }), "class id 255"));
   CHECK(std::isfinite(segmentation_loss(logits, bad, 255).item<double>()));
 }
 
@@ -238,9 +226,9 @@ TEST_CASE("SegFormer and SmallSegNet segment odd image sizes at full resolution"
   // Labels of another size than the image: logits follow the labels.
   CHECK(std::isfinite(segformer->loss(image, torch::randint(0, 9, {2, 20, 30}, torch::kLong)).item<double>()));
 
-  CHECK(contains(error_of([&] { segformer->forward(torch::rand({1, 2, 64, 64})); }), "N x 1 x H x W"));
-  CHECK(contains(error_of([&] { small->forward(torch::rand({1, 64, 64})); }), "N x 1 x H x W"));
-  CHECK(contains(error_of([&] { small->loss(image, labels.unsqueeze(1)); }), "N x H x W"));
+  CHECK(contains(error_message([&] { segformer->forward(torch::rand({1, 2, 64, 64})); }), "must have 1 channel"));
+  CHECK(contains(error_message([&] { small->forward(torch::rand({1, 64, 64})); }), "N x 1 x H x W"));
+  CHECK(contains(error_message([&] { small->loss(image, labels.unsqueeze(1)); }), "N x H x W"));
 }
 
 TEST_CASE("segmentation task losses send exact gradients to the fused image, in float and double") {
@@ -295,7 +283,7 @@ TEST_CASE("SegFormer: Adam steps lower the task loss on a fixed synthetic proble
   torch::manual_seed(5);
   SegFormer net(SegFormerOptions().num_classes(2));
   // Smooth blobs: SegFormer predicts at 1/4 resolution, so pixel noise labels would not be learnable.
-  const torch::Tensor image = tdfusion::task::resize_bilinear(torch::rand({2, 1, 4, 4}), 32, 32);
+  const torch::Tensor image = tdfusion::nn::resize_bilinear(torch::rand({2, 1, 4, 4}), 32, 32);
   const torch::Tensor labels = (image.squeeze(1) > 0.5).to(torch::kLong);
   torch::optim::Adam adam(net->parameters(), torch::optim::AdamOptions(1e-3));
   const double first = net->loss(image, labels).item<double>();

@@ -1,12 +1,15 @@
 #pragma once
 // tdfusion: task-driven infrared-visible image fusion with a learnable fusion loss (TDFusion, CVPR 2025).
-// The umbrella header; each folder below can also be included on its own.
+// The umbrella header: everything but distributed/ (multi-process training, which needs c10d's Gloo headers).
+// Each header can also be included on its own; the folders are layers that only include the ones below them:
+//   core <- io <- nn <- {loss, fusion, lossgen, task} <- data <- metrics <- meta <- distributed
 
 #include "tdfusion/core/autograd.hpp"
 #include "tdfusion/core/checks.hpp"
 #include "tdfusion/core/eval_mode.hpp"
-#include "tdfusion/core/runtime.hpp"
 #include "tdfusion/core/param_view.hpp"
+#include "tdfusion/core/runtime.hpp"
+#include "tdfusion/core/target_traits.hpp"
 #include "tdfusion/core/traits.hpp"
 #include "tdfusion/data/concat_dataset.hpp"
 #include "tdfusion/data/pair_batch.hpp"
@@ -17,6 +20,7 @@
 #include "tdfusion/data/yolo_labels.hpp"
 #include "tdfusion/fusion/fuse_images.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
+#include "tdfusion/fusion/load_fusion.hpp"
 #include "tdfusion/fusion/refusion.hpp"
 #include "tdfusion/fusion/tiled_fusion.hpp"
 #include "tdfusion/io/atomic_file.hpp"
@@ -29,7 +33,10 @@
 #include "tdfusion/lossgen/lpn.hpp"
 #include "tdfusion/meta/bilevel_optimizer.hpp"
 #include "tdfusion/meta/callbacks.hpp"
+#include "tdfusion/meta/json_lines_log.hpp"
 #include "tdfusion/meta/options.hpp"
+#include "tdfusion/meta/progress_bar.hpp"
+#include "tdfusion/meta/run_folder.hpp"
 #include "tdfusion/meta/validation.hpp"
 #include "tdfusion/meta/update_policies/max_normalized_sgd.hpp"
 #include "tdfusion/meta/update_policies/sgd_fast_weights.hpp"
@@ -40,7 +47,10 @@
 #include "tdfusion/metrics/report.hpp"
 #include "tdfusion/metrics/task_evaluation.hpp"
 #include "tdfusion/metrics/task_metrics.hpp"
+#include "tdfusion/nn/attention_tiling.hpp"
 #include "tdfusion/nn/kernels/ops.hpp"
 #include "tdfusion/nn/layers.hpp"
+#include "tdfusion/nn/resize.hpp"
 #include "tdfusion/task/detection.hpp"
+#include "tdfusion/task/registry.hpp"
 #include "tdfusion/task/segmentation.hpp"

@@ -8,13 +8,15 @@
 
 namespace tdfusion {
 
-/// Checks one image batch's layout: N x 1 x H x W with N, H, W > 0, floating point.
-inline void check_image_shape(const torch::Tensor& image, const std::string& what) {
+/// Checks one image batch's layout: N x channels x H x W with N, H, W > 0, floating point. `what` names the
+/// batch in messages (e.g. "infrared image", "SegFormer input").
+inline void check_image_shape(const torch::Tensor& image, const std::string& what, int64_t channels = 1) {
   TORCH_CHECK(image.defined(), "tdfusion: ", what, " is undefined");
-  TORCH_CHECK(image.dim() == 4, "tdfusion: ", what, " must be a N x 1 x H x W batch, got shape ", image.sizes());
+  TORCH_CHECK(image.dim() == 4, "tdfusion: ", what, " must be a N x ", channels, " x H x W batch, got shape ",
+              image.sizes());
   TORCH_CHECK(image.size(0) > 0, "tdfusion: ", what, " is an empty batch");
-  TORCH_CHECK(image.size(1) == 1, "tdfusion: ", what, " must have 1 channel (luminance), got ", image.size(1),
-              " channels");
+  TORCH_CHECK(image.size(1) == channels, "tdfusion: ", what, " must have ", channels,
+              channels == 1 ? " channel (luminance)" : " channels", ", got ", image.size(1));
   TORCH_CHECK(image.size(2) > 0 && image.size(3) > 0, "tdfusion: ", what, " has an empty image, shape ",
               image.sizes());
   TORCH_CHECK(image.is_floating_point(), "tdfusion: ", what, " must be floating point, got ", image.dtype());

@@ -4,23 +4,13 @@
 // the fusion loss (spec section 3: fusion crops at full resolution, task input at the task size).
 
 #include "tdfusion/core/checks.hpp"
+#include "tdfusion/core/target_traits.hpp"
 
 #include <torch/torch.h>
 
 #include <vector>
 
 namespace tdfusion::data {
-
-/// How a task's label type is batched and moved. Specialise for a custom label type; torch::Tensor labels
-/// (e.g. N x H x W class maps) are concatenated along the batch dimension.
-template <class Target>
-struct TargetTraits;
-
-template <>
-struct TargetTraits<torch::Tensor> {
-  static torch::Tensor concat(const std::vector<torch::Tensor>& parts) { return torch::cat(parts, 0); }
-  static torch::Tensor to(const torch::Tensor& target, const torch::Device& device) { return target.to(device); }
-};
 
 template <class Target>
 struct PairBatch {

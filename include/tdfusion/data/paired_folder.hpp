@@ -39,7 +39,9 @@ struct PairedFolderOptions {
   TORCH_ARG(bool, flip) = true;                   ///< random horizontal flips
   TORCH_ARG(bool, require_labels) = false;        ///< fail when root/label/ is absent
   TORCH_ARG(bool, ignore_labels) = false;         ///< serve no labels even where there are (fusion-only data)
-  TORCH_ARG(bool, check_headers) = true;          ///< read every file's header up front: format and matching sizes
+  /// Check every file up front: image headers (format, matching sizes) and every label file in full (syntax,
+  /// class ids), so that a bad file fails before training starts, not at its first draw.
+  TORCH_ARG(bool, check_files) = true;
   TORCH_ARG(io::ImageReadOptions, ir_read) = {};  ///< e.g. a window for 16-bit thermal files
   TORCH_ARG(io::ImageReadOptions, vi_read) = {};
 };
@@ -155,9 +157,13 @@ inline HoldoutSplit every_nth_holdout(size_t count, size_t every) {
 /// offset and the flip come from a local generator seeded with (seed, counter): the stream is reproducible,
 /// can be resumed at any counter, and never touches the global generators, so `get` may be called from
 /// several threads.
+/// @tparam Target  torch::Tensor (label maps) or task::DetectionTarget (boxes): the task policy's Target
 template <class Target>
 class PairedFolderFor {
  public:
+  /// Scans and checks the folder (see PairedFolderOptions::check_files); every error names the file.
+  /// @param root     a folder with ir/ and vi/ (and label/ unless options.label_dir() says otherwise)
+  /// @param options  task size, crop size, labels, seed, flips, how the images are read
   explicit PairedFolderFor(const std::string& root, PairedFolderOptions options = {})
       : root_(root), options_(std::move(options)) {
     namespace fs = std::filesystem;
@@ -193,12 +199,16 @@ class PairedFolderFor {
                   " label(s): ", orphan_list);
       for (PairPaths& pair : pairs_) pair.label = labels.at(pair.stem);
     }
-    if (options_.check_headers()) {
+    if (options_.check_files()) {
       for (const PairPaths& pair : pairs_) {
         const auto ir_size = detail::header_size(pair.ir);
         check_sizes(pair, ir_size, detail::header_size(pair.vi));
-        if constexpr (!kIsDetection<Target>) {
-          if (!pair.label.empty()) check_label_size(pair, ir_size, detail::header_size(pair.label));
+        if (pair.label.empty()) continue;
+        if constexpr (kIsDetection<Target>) {
+          read_yolo_labels(pair.label, options_.num_classes());
+        } else {
+          const torch::Tensor labels = io::read_label(pair.label, options_.num_classes(), options_.ignore_label());
+          check_label_size(pair, ir_size, {labels.size(0), labels.size(1)});
         }
       }
     }

@@ -3,6 +3,7 @@
 // input at the task size, fusion crops at full resolution, a consistent flip) out of a registered pair.
 
 #include "tdfusion/data/pair_batch.hpp"
+#include "tdfusion/nn/resize.hpp"
 #include "tdfusion/task/detection/target.hpp"
 
 #include <torch/torch.h>
@@ -61,16 +62,6 @@ class SampleRng {
   std::mt19937_64 engine_;  // its output sequence is fixed by the standard
 };
 
-/// Bilinear resize (align_corners=false) of an N x C x H x W batch; a no-op at the same size.
-inline torch::Tensor resize_images(const torch::Tensor& images, int64_t height, int64_t width) {
-  if (images.size(2) == height && images.size(3) == width) return images;
-  namespace F = torch::nn::functional;
-  return F::interpolate(images, F::InterpolateFuncOptions()
-                                    .size(std::vector<int64_t>{height, width})
-                                    .mode(torch::kBilinear)
-                                    .align_corners(false));
-}
-
 /// Nearest resize of an N x H x W label map, sampling at output pixel centres (PyTorch's "nearest-exact",
 /// which lines up with bilinear align_corners=false). Works on integer labels directly.
 inline torch::Tensor resize_labels(const torch::Tensor& labels, int64_t height, int64_t width) {
@@ -118,8 +109,8 @@ inline PairSample sample_pair(const torch::Tensor& ir, const torch::Tensor& vi, 
   auto crop = [&](const torch::Tensor& image) { return image.narrow(2, y0, crop_h).narrow(3, x0, crop_w).contiguous(); };
   const int64_t task_h = geometry.task_height > 0 ? geometry.task_height : height;
   const int64_t task_w = geometry.task_width > 0 ? geometry.task_width : width;
-  sample.ir = detail::resize_images(a, task_h, task_w).contiguous();
-  sample.vi = detail::resize_images(b, task_h, task_w).contiguous();
+  sample.ir = nn::resize_bilinear(a, task_h, task_w).contiguous();
+  sample.vi = nn::resize_bilinear(b, task_h, task_w).contiguous();
   sample.ir_crop = crop(a);
   sample.vi_crop = crop(b);
   return sample;

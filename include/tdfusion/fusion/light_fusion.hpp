@@ -40,4 +40,8 @@ class LightFusionImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LightFusion);
 
+/// Receptive radius of LightFusion (the halo fuse_tiled needs): one pixel per 3x3 convolution (conv0, depth
+/// hidden ones, conv_out).
+inline int64_t receptive_halo(const LightFusionOptions& options) { return options.depth() + 2; }
+
 }  // namespace tdfusion::fusion

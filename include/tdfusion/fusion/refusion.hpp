@@ -53,4 +53,12 @@ class ReFusionImpl : public torch::nn::Module {
 };
 TORCH_MODULE(ReFusion);
 
+/// Receptive radius of ReFusion in pixels (the halo fuse_tiled needs): its longest chain of 3x3 convolutions.
+/// project_in (1), two per transformer block (qkv_dwconv, ffn dwconv), two in AFM (qkv dwconv, then
+/// project_E_d or project_E*_d), project_out_0 and project_out_1 (2): 1 + 2 * 2 + 2 + 2 * 2 + 2 = 13 at the
+/// defaults. 1x1 convolutions, per-pixel ops and attention with image-wide matrices widen nothing.
+inline int64_t receptive_halo(const ReFusionOptions& options) {
+  return 1 + 2 * options.encoder_depth() + 2 + 2 * options.decoder_depth() + 2;
+}
+
 }  // namespace tdfusion::fusion

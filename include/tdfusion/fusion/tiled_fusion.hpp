@@ -17,8 +17,7 @@
 #include "tdfusion/core/checks.hpp"
 #include "tdfusion/core/param_view.hpp"
 #include "tdfusion/core/traits.hpp"
-#include "tdfusion/fusion/light_fusion.hpp"
-#include "tdfusion/fusion/refusion.hpp"
+#include "tdfusion/nn/attention_tiling.hpp"
 #include "tdfusion/nn/layers.hpp"
 
 #include <torch/torch.h>
@@ -28,17 +27,6 @@
 #include <vector>
 
 namespace tdfusion::fusion {
-
-/// Receptive radius of ReFusion in pixels: its longest chain of 3x3 convolutions. project_in (1), two per
-/// transformer block (qkv_dwconv, ffn dwconv), two in AFM (qkv dwconv, then project_E_d or project_E*_d),
-/// project_out_0 and project_out_1 (2): 1 + 2 * 2 + 2 + 2 * 2 + 2 = 13 at the defaults. 1x1 convolutions,
-/// per-pixel ops and attention with image-wide matrices widen nothing.
-inline int64_t receptive_halo(const ReFusionOptions& options) {
-  return 1 + 2 * options.encoder_depth() + 2 + 2 * options.decoder_depth() + 2;
-}
-
-/// Receptive radius of LightFusion: one pixel per 3x3 convolution (conv0, depth hidden ones, conv_out).
-inline int64_t receptive_halo(const LightFusionOptions& options) { return options.depth() + 2; }
 
 struct TiledFusionOptions {
   /// Side of a tile's interior, the part of the output it produces; tiles partition the image.

@@ -48,4 +48,20 @@ inline FusionLossTerms fusion_loss(const torch::Tensor& fused, const torch::Tens
   return terms;
 }
 
+/// The fusion-loss policy of the paper: L_int with the generator's weights + alpha * L_grad (fusion_loss).
+/// A policy of another form offers the same call: (fused, ir, vi, weights) -> scalar, differentiable in
+/// fused and weights.
+struct TdfusionLoss {
+  TdfusionLoss() = default;
+  /// @param gradient_weight  alpha, the weight of the gradient term (the paper: 1)
+  explicit TdfusionLoss(double gradient_weight) : gradient_weight(gradient_weight) {}
+
+  torch::Tensor operator()(const torch::Tensor& fused, const torch::Tensor& ir, const torch::Tensor& vi,
+                           const torch::Tensor& weights) const {
+    return fusion_loss(fused, ir, vi, weights, gradient_weight).total;
+  }
+
+  double gradient_weight = 1.0;
+};
+
 }  // namespace tdfusion::loss

@@ -20,7 +20,7 @@
 // Usage:
 //   using Trainer = tdfusion::meta::BilevelOptimizer<fusion::ReFusion, lossgen::Lpn, task::SegFormer>;
 //   Trainer trainer(fusion::ReFusion(), lossgen::Lpn(), task::SegFormer(), BilevelOptions().epochs(2));
-//   trainer.fit(dataset, meta::PrintLosses(std::cout));
+//   const FitResult result = trainer.fit(dataset, meta::PrintLosses(std::cout));
 //
 // A dataset is any object with `size_t size() const` and `PairBatch<Target> get(uint64_t counter) const`:
 // the optimiser draws samples with an ever-increasing counter (saved in checkpoints), so a dataset that
@@ -54,43 +54,55 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 namespace tdfusion::meta {
 
-namespace detail {
-template <class T, class = void>
-struct is_inner_update : std::false_type {};
-template <class T>
-struct is_inner_update<T, std::void_t<decltype(std::declval<const T&>().fast_weights(
-                              std::declval<const ParamDict&>(), std::declval<const std::vector<torch::Tensor>&>(),
-                              0.0))>>
-    : std::is_same<decltype(std::declval<const T&>().fast_weights(
-                       std::declval<const ParamDict&>(), std::declval<const std::vector<torch::Tensor>&>(), 0.0)),
-                   ParamDict> {};
+/// Why fit() returned.
+enum class FitStop {
+  completed,  ///< options.epochs() epochs are done
+  callback,   ///< a callback asked to stop (an interrupted epoch is neither counted nor checkpointed)
+};
 
-template <class T, class = void>
-struct is_outer_update : std::false_type {};
-template <class T>
-struct is_outer_update<T, std::void_t<decltype(std::declval<const T&>().step(
-                              std::declval<const std::vector<torch::Tensor>&>(),
-                              std::declval<const std::vector<torch::Tensor>&>(), 0.0))>> : std::true_type {};
-}  // namespace detail
+/// What fit() did: why it stopped, the epoch reached, and the last report of each kind (empty when none came).
+struct FitResult {
+  FitStop stop = FitStop::completed;
+  int64_t epoch = 0;  ///< epochs completed in all (the trainer's epoch())
+  std::optional<MetaStepReport> last_meta_step;
+  std::optional<TrainStepReport> last_train_step;
+  std::optional<FusionStepReport> last_fusion_step;
+  std::optional<EpochReport> last_epoch;
+  std::optional<ValidationReport> last_validation;
+};
 
-template <class FusionPolicy, class LossGeneratorPolicy, class TaskPolicy, class InnerUpdatePolicy = SgdFastWeights,
-          class OuterUpdatePolicy = MaxNormalizedSgd>
+/// The bilevel optimiser of TDFusion.
+/// @tparam FusionPolicy         the fusion network F(theta): a module holder with `forward(ir, vi)` and the
+///                              functional `forward_with(const ParamView&, ir, vi) const` (core/traits.hpp)
+/// @tparam LossGeneratorPolicy  the loss generator G(phi): a module holder whose `forward(ir, vi)` returns
+///                              N x 2 x H x W per-pixel weights (lossgen::Lpn; lossgen::FixedWeights has none
+///                              to learn, which turns phase A off)
+/// @tparam TaskPolicy           the task network T(psi): a module holder with `using Target`, a TargetTraits
+///                              specialisation for it, and `loss(fused, target)`
+/// @tparam FusionLossPolicy     the form of the fusion loss: `Tensor operator()(fused, ir, vi, weights) const`
+///                              (loss::TdfusionLoss, the paper's)
+/// @tparam InnerUpdatePolicy    theta' from theta and dL_f/dtheta, differentiably (SgdFastWeights)
+/// @tparam OuterUpdatePolicy    G's update from the hypergradient (MaxNormalizedSgd, the release's)
+/// Defining TDFUSION_DISABLE_TYPE_CHECKS before including this header turns the readable compile-time checks
+/// of the policies off (the compiler's own errors remain).
+template <class FusionPolicy, class LossGeneratorPolicy, class TaskPolicy, class FusionLossPolicy = loss::TdfusionLoss,
+          class InnerUpdatePolicy = SgdFastWeights, class OuterUpdatePolicy = MaxNormalizedSgd>
 class BilevelOptimizer {
+#ifndef TDFUSION_DISABLE_TYPE_CHECKS
   static_assert(traits::check_fusion_policy<FusionPolicy>());
   static_assert(traits::check_loss_generator_policy<LossGeneratorPolicy>());
   static_assert(traits::check_task_policy<TaskPolicy>());
-  static_assert(detail::is_inner_update<InnerUpdatePolicy>::value,
-                "tdfusion: the inner update policy lacks `tdfusion::ParamDict fast_weights(const ParamDict& weights, "
-                "const std::vector<torch::Tensor>& grads, double lr) const`");
-  static_assert(detail::is_outer_update<OuterUpdatePolicy>::value,
-                "tdfusion: the outer update policy lacks `double step(const std::vector<torch::Tensor>& params, "
-                "const std::vector<torch::Tensor>& grads, double lr) const`");
+  static_assert(traits::check_fusion_loss_policy<FusionLossPolicy>());
+  static_assert(traits::check_inner_update_policy<InnerUpdatePolicy>());
+  static_assert(traits::check_outer_update_policy<OuterUpdatePolicy>());
+#endif
 
  public:
   using Target = typename traits::impl_t<TaskPolicy>::Target;
@@ -98,14 +110,21 @@ class BilevelOptimizer {
 
   /// Takes the three networks (holders share their modules with the caller) and moves them to
   /// options.device() / options.dtype().
+  /// @param fusion_loss   the fusion loss's form (e.g. loss::TdfusionLoss(alpha) for another gradient weight)
   BilevelOptimizer(FusionPolicy fusion, LossGeneratorPolicy loss_generator, TaskPolicy task,
-                   BilevelOptions options = {}, InnerUpdatePolicy inner_update = {},
-                   OuterUpdatePolicy outer_update = {});
+                   BilevelOptions options = {}, FusionLossPolicy fusion_loss = {},
+                   InnerUpdatePolicy inner_update = {}, OuterUpdatePolicy outer_update = {});
 
-  /// Phase A: one meta step on a meta-train and a meta-test batch. Updates G only (T is restored).
+  /// Phase A: one meta step on a meta-train and a meta-test batch. Updates G only (T is restored). The first
+  /// meta step checks that the task loss depends on the fast weights at all: a fusion policy whose
+  /// forward_with reads its module's own weights instead of its ParamView would leave G's hypergradient at
+  /// exactly 0, so training stops there with a message saying so.
+  /// @param meta_train  the batch of the inner step (fast weights)
+  /// @param meta_test   the batch of the outer task loss (another batch, as the release alternates them)
   MetaStepReport meta_step(const Batch& meta_train, const Batch& meta_test);
 
   /// Phase B: one Adam step of F (with G's frozen loss) and one of T.
+  /// @param batch  task inputs with labels and fusion crops (the modality swap is appended when enabled)
   TrainStepReport train_step(const Batch& batch);
 
   /// Phase B without labels: one Adam step of F (with G's frozen loss) on N x 1 x h x w crops.
@@ -114,8 +133,11 @@ class BilevelOptimizer {
   /// Trains from the current epoch to options.epochs(); see the class comment for datasets and
   /// callbacks.hpp for callbacks. Writes a checkpoint after every epoch when options.checkpoint_path() is set,
   /// then, with a validation set (set_validation), validates and hands callbacks a ValidationReport.
+  /// @param dataset    any object with `size_t size() const` and `PairBatch<Target> get(uint64_t) const`
+  /// @param callbacks  objects callable with some of the report types; returning true stops training
+  /// @return why training stopped and the last report of each kind
   template <class Dataset, class... Callbacks>
-  void fit(const Dataset& dataset, Callbacks&&... callbacks);
+  FitResult fit(const Dataset& dataset, Callbacks&&... callbacks);
 
   /// Evaluates F and T on every sample of `dataset` (counters 0 .. size-1, no modality swap), in inference
   /// mode: the mean task loss, the task's metrics and the fusion metrics (see validation.hpp). Changes nothing.
@@ -123,6 +145,8 @@ class BilevelOptimizer {
   ValidationReport validate(const Dataset& dataset, const ValidationOptions& options = {});
 
   /// Makes fit() validate on `dataset` (kept by value) after every options.every_epochs()-th epoch.
+  /// @param dataset  held-out samples, as for fit(); all of them are evaluated each time
+  /// @param options  how often, which fusion-metric protocol, task-metric settings
   template <class Dataset>
   void set_validation(Dataset dataset, ValidationOptions options = {});
 
@@ -146,6 +170,8 @@ class BilevelOptimizer {
   torch::Tensor meta_objective(const Batch& meta_train, const Batch& meta_test);
 
   /// Fuses a pair with the current fusion network (inference: no graph, eval mode).
+  /// @param ir, vi  N x 1 x H x W luminance in [0, 1] (any device; moved to the networks')
+  /// @return N x 1 x H x W on the networks' device
   torch::Tensor fuse(const torch::Tensor& ir, const torch::Tensor& vi);
 
   /// Atomically writes / reads all three networks, both Adam states, the epoch and the sample counter.
@@ -177,6 +203,11 @@ class BilevelOptimizer {
   Batch prepare(const Batch& batch) const;
   /// Adam step of F on the fusion loss of prepared crops; returns the loss.
   double fusion_update(const torch::Tensor& ir_crop, const torch::Tensor& vi_crop);
+  /// The fusion crops of this process's share of the next fusion-only step (set_fusion_data).
+  std::pair<torch::Tensor, torch::Tensor> draw_fusion_crops();
+  /// Whether dL_task/dtheta' has any non-zero entry: the first meta step's check of the fusion policy's
+  /// contract (see meta_step).
+  static bool depends_on_fast_weights(const std::vector<torch::Tensor>& outer);
   /// The counters of this process's share of the next step (options.batch_pairs() draws from `counter`).
   std::vector<uint64_t> step_counters(uint64_t counter, uint64_t size) const;
   MetaLosses meta_losses(const Batch& prepared_train, const Batch& prepared_test);
@@ -191,6 +222,7 @@ class BilevelOptimizer {
   LossGeneratorPolicy loss_generator_;
   TaskPolicy task_;
   BilevelOptions options_;
+  FusionLossPolicy fusion_loss_;
   InnerUpdatePolicy inner_update_;
   OuterUpdatePolicy outer_update_;
   torch::optim::Adam fusion_optimizer_;
@@ -201,6 +233,7 @@ class BilevelOptimizer {
   uint64_t fusion_data_size_ = 0;
   std::function<std::pair<torch::Tensor, torch::Tensor>(uint64_t)> fusion_data_crops_;
   int64_t validation_every_ = 1;
+  bool fast_weights_checked_ = false;  ///< the first meta step's check of the policy contract is done
   int64_t epoch_ = 0;
   uint64_t sample_counter_ = 0;
   uint64_t fusion_sample_counter_ = 0;  ///< draws from the fusion-only data

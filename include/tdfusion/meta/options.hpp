@@ -17,7 +17,6 @@ struct BilevelOptions {
   TORCH_ARG(double, meta_lr) = 0.0;                ///< step of the max-normalised G update; 0: F's current lr
   TORCH_ARG(int64_t, lr_step_epochs) = 10;         ///< StepLR period for F and T
   TORCH_ARG(double, lr_gamma) = 0.1;               ///< StepLR factor
-  TORCH_ARG(double, gradient_weight) = 1.0;        ///< alpha of the fusion loss's gradient term
   TORCH_ARG(bool, modality_swap) = true;           ///< append every pair with ir and vi exchanged
   /// Pairs per step over all processes (the release: 1); with a Communicator each process takes its share.
   TORCH_ARG(int64_t, batch_pairs) = 1;
@@ -34,29 +33,33 @@ struct BilevelOptions {
   TORCH_ARG(std::string, checkpoint_path) = "";    ///< written atomically after every epoch when not empty
 };
 
+/// Where a step report sits in training: epoch `epoch` of `epochs` (counted from 0), step `step` of the
+/// `steps` of its kind in that epoch.
+struct StepPosition {
+  int64_t epoch = 0, epochs = 0, step = 0, steps = 0;
+};
+
 /// What one phase-A (meta) step did.
-struct MetaStepReport {
-  int64_t epoch = 0, step = 0;
+struct MetaStepReport : StepPosition {
   double fusion_loss = 0.0;        ///< inner L_f on the meta-train batch (with G's weights)
   double task_loss = 0.0;          ///< outer task loss of F with fast weights on the meta-test batch
   double hypergradient_max = 0.0;  ///< max|dL_task/dphi| over G's parameters
 };
 
 /// What one phase-B step did.
-struct TrainStepReport {
-  int64_t epoch = 0, step = 0;
+struct TrainStepReport : StepPosition {
   double fusion_loss = 0.0, task_loss = 0.0;
 };
 
 /// What one phase-B step of F on a pair without labels did (see BilevelOptimizer::set_fusion_data).
-struct FusionStepReport {
-  int64_t epoch = 0, step = 0;
+struct FusionStepReport : StepPosition {
   double fusion_loss = 0.0;
 };
 
 /// Means over an epoch's phase B (the fusion loss over all of F's steps, the task loss over T's).
 struct EpochReport {
-  int64_t epoch = 0;  ///< the epoch just finished, counted from 0
+  int64_t epoch = 0;   ///< the epoch just finished, counted from 0
+  int64_t epochs = 0;  ///< epochs to train in all
   double fusion_loss = 0.0, task_loss = 0.0, learning_rate = 0.0;
 };
 

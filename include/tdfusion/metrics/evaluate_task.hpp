@@ -11,6 +11,7 @@
 #include "tdfusion/io/image.hpp"
 #include "tdfusion/metrics/evaluate_folders.hpp"
 #include "tdfusion/metrics/task_evaluation.hpp"
+#include "tdfusion/nn/resize.hpp"
 
 #include <torch/torch.h>
 
@@ -42,7 +43,7 @@ TaskMetrics evaluate_task(TaskHolder& task, const EvaluationTable& table, const 
                 "' (expected ", row.image, detection ? ".txt)" : ".png)");
     const torch::Tensor image = io::read_grey(row.fused_path).unsqueeze(0);
     const int64_t h = task_height > 0 ? task_height : image.size(2), w = task_width > 0 ? task_width : image.size(3);
-    const torch::Tensor input = data::detail::resize_images(image, h, w).to(device);
+    const torch::Tensor input = nn::resize_bilinear(image, h, w).to(device);
     if constexpr (detection) {
       evaluation.add(*task, input, task::DetectionTarget::from_images({data::read_yolo_labels(label->second, classes)}));
     } else {

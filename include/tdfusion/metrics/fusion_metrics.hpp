@@ -28,11 +28,6 @@
 #include <utility>
 #include <vector>
 
-// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace tdfusion::metrics {
 
@@ -201,6 +196,3 @@ inline Eigen::ArrayXXd to_grey8(const torch::Tensor& image) {
 
 }  // namespace tdfusion::metrics
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif

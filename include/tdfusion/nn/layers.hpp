@@ -4,6 +4,7 @@
 // stateful and the fast-weight forward passes share one implementation.
 
 #include "tdfusion/core/param_view.hpp"
+#include "tdfusion/nn/attention_tiling.hpp"
 #include "tdfusion/nn/kernels/ops.hpp"
 
 #include <torch/torch.h>
@@ -73,41 +74,6 @@ class LayerNormImpl : public torch::nn::Module {
   }
 };
 TORCH_MODULE(LayerNorm);
-
-/// Per-thread replacement of channel_attention, installed by a Scope for the duration of one computation.
-/// Channel attention is global over the image (its matrices sum over every pixel), so a tiled forward pass
-/// must supply image-wide matrices; fusion::fuse_tiled does so through this hook. Without a Scope,
-/// channel_attention only pays one thread-local pointer check.
-class AttentionTiling {
- public:
-  virtual ~AttentionTiling() = default;
-
-  /// Called by channel_attention instead of computing the attention matrix (N x heads x d x d, d = C / heads)
-  /// from q and k itself, with the same arguments (heads already validated).
-  virtual torch::Tensor matrix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& temperature,
-                               int64_t heads) = 0;
-
-  /// The hook installed on this thread, or nullptr.
-  static AttentionTiling* active() { return slot(); }
-
-  /// Installs a hook on this thread until destruction, then restores the previous one (scopes nest).
-  class Scope {
-   public:
-    explicit Scope(AttentionTiling& hook) : previous_(slot()) { slot() = &hook; }
-    ~Scope() { slot() = previous_; }
-    Scope(const Scope&) = delete;
-    Scope& operator=(const Scope&) = delete;
-
-   private:
-    AttentionTiling* previous_;
-  };
-
- private:
-  static AttentionTiling*& slot() {
-    thread_local AttentionTiling* hook = nullptr;
-    return hook;
-  }
-};
 
 /// The attention matrix softmax(normalise(q) normalise(k)^T * t) of Restormer's channel attention, from the
 /// Gram matrix S = q k^T of the raw rows and their L2 norms (ops::normalised_gram), for a caller that sums them

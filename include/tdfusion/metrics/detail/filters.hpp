@@ -9,11 +9,6 @@
 #include <string>
 #include <vector>
 
-// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace tdfusion::metrics::detail {
 
@@ -107,6 +102,3 @@ inline Array filter_decimate(const Array& in, const std::vector<double>& taps) {
 
 }  // namespace tdfusion::metrics::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif

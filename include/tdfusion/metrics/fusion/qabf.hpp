@@ -14,11 +14,6 @@
 
 #include <cmath>
 
-// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace tdfusion::metrics {
 
@@ -118,6 +113,3 @@ inline double qabf(const Eigen::ArrayXXd& a, const Eigen::ArrayXXd& b, const Eig
 
 }  // namespace tdfusion::metrics
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif

@@ -10,11 +10,6 @@
 
 #include <vector>
 
-// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace tdfusion::metrics {
 
@@ -73,6 +68,3 @@ inline double ssim_uint8(const Eigen::ArrayXXd& x, const Eigen::ArrayXXd& y, dou
 
 }  // namespace tdfusion::metrics
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif

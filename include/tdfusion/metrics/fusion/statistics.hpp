@@ -14,11 +14,6 @@
 #include <string>
 #include <vector>
 
-// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace tdfusion::metrics {
 
@@ -148,6 +143,3 @@ inline double scd(const Eigen::ArrayXXd& a, const Eigen::ArrayXXd& b, const Eige
 
 }  // namespace tdfusion::metrics
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif

@@ -17,11 +17,6 @@
 #include <cmath>
 #include <vector>
 
-// GCC 12 reports false -Wmaybe-uninitialized warnings inside Eigen 3.4's AVX-512 packet code inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace tdfusion::metrics {
 
@@ -135,6 +130,3 @@ inline double vif(const Eigen::ArrayXXd& reference, const Eigen::ArrayXXd& disto
 
 }  // namespace tdfusion::metrics
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif

@@ -5,6 +5,7 @@
 // CNN with a light top-down path. No batch norm: train and eval modes compute the same function, and SiLU
 // keeps the task loss smooth in the image, which finite-difference checks of hypergradients rely on.
 
+#include "tdfusion/core/checks.hpp"
 #include "tdfusion/task/detection/common.hpp"
 #include "tdfusion/task/detection/head.hpp"
 #include "tdfusion/task/detection/target.hpp"
@@ -63,7 +64,7 @@ class SmallDetectorImpl : public torch::nn::Cloneable<SmallDetectorImpl> {
 
   /// Raw head outputs N x (4 reg_max + classes) x A of the input padded to multiples of 32 (see layout()).
   torch::Tensor forward(const torch::Tensor& image) {
-    check_detection_image(image, options_.in_channels(), "SmallDetector");
+    check_image_shape(image, "SmallDetector input", options_.in_channels());
     const torch::Tensor x = pad_to_multiple(image, 32, options_.pad_value());
     const torch::Tensor p3 = down2_->forward(stage1_->forward(down1_->forward(stem_->forward(x))));
     const torch::Tensor p4 = down3_->forward(p3);
@@ -94,15 +95,7 @@ class SmallDetectorImpl : public torch::nn::Cloneable<SmallDetectorImpl> {
 
   /// Where the head's cells lie for an H x W input.
   DetectionLayout layout(int64_t height, int64_t width) const {
-    DetectionLayout l;
-    l.num_classes = options_.num_classes();
-    l.reg_max = options_.reg_max();
-    l.strides = {8, 16, 32};
-    l.image_height = height;
-    l.image_width = width;
-    l.input_height = (height + 31) / 32 * 32;
-    l.input_width = (width + 31) / 32 * 32;
-    return l;
+    return DetectionLayout::for_image(options_.num_classes(), options_.reg_max(), height, width);
   }
 
   const SmallDetectorOptions& options() const { return options_; }

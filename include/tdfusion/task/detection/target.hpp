@@ -11,7 +11,7 @@
 // The helpers work on the last four columns and keep any leading ones, so they take K x 5 per-image boxes
 // (class, cx, cy, w, h) as well as M x 6 batched ones (batch index, class, cx, cy, w, h).
 
-#include "tdfusion/data/pair_batch.hpp"
+#include "tdfusion/core/target_traits.hpp"
 
 #include <torch/torch.h>
 
@@ -104,7 +104,7 @@ inline torch::Tensor resize_boxes(const torch::Tensor& boxes) { return boxes; }
 
 }  // namespace tdfusion::task
 
-namespace tdfusion::data {
+namespace tdfusion {
 
 /// Batching of detection targets: concatenation shifts every part's batch indices past the images before it.
 template <>
@@ -129,4 +129,4 @@ struct TargetTraits<task::DetectionTarget> {
   }
 };
 
-}  // namespace tdfusion::data
+}  // namespace tdfusion

@@ -46,6 +46,19 @@ struct DetectionLayout {
   int64_t input_height = 0, input_width = 0;  ///< the padded network input (multiples of every stride)
   int64_t image_height = 0, image_width = 0;  ///< the image the boxes are normalised to (top-left part of it)
 
+  /// The layout of a detector with strides 8, 16 and 32 on an H x W image, padded to multiples of 32.
+  static DetectionLayout for_image(int64_t num_classes, int64_t reg_max, int64_t height, int64_t width) {
+    DetectionLayout l;
+    l.num_classes = num_classes;
+    l.reg_max = reg_max;
+    l.strides = {8, 16, 32};
+    l.image_height = height;
+    l.image_width = width;
+    l.input_height = (height + 31) / 32 * 32;
+    l.input_width = (width + 31) / 32 * 32;
+    return l;
+  }
+
   /// Anchor points (A x 2, grid units) and their strides (A x 1).
   std::pair<torch::Tensor, torch::Tensor> anchors(const torch::TensorOptions& options) const {
     std::vector<std::pair<int64_t, int64_t>> grids;

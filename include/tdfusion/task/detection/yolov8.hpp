@@ -7,6 +7,7 @@
 // state_dict of the same scale, input channels and classes key for key (the DFL projection is not a
 // parameter here: ultralytics counts its 16 fixed weights, hence 3,157,184 = 3,157,200 - 16 at 80 classes).
 
+#include "tdfusion/core/checks.hpp"
 #include "tdfusion/core/eval_mode.hpp"
 #include "tdfusion/task/detection/common.hpp"
 #include "tdfusion/task/detection/head.hpp"
@@ -178,7 +179,7 @@ class Yolov8DetectorImpl : public torch::nn::Cloneable<Yolov8DetectorImpl> {
 
   /// Raw head outputs N x (4 reg_max + classes) x A of the input padded to multiples of 32 (see layout()).
   torch::Tensor forward(const torch::Tensor& image) {
-    check_detection_image(image, options_.in_channels(), "Yolov8Detector");
+    check_image_shape(image, "Yolov8Detector input", options_.in_channels());
     const torch::Tensor x = pad_to_multiple(image, 32, options_.pad_value());
     // Through the list, not cached holders: clone() swaps the list's contents.
     auto conv = [&](size_t i, const torch::Tensor& t) { return layer<ConvBlock>(i).forward(t); };
@@ -214,15 +215,7 @@ class Yolov8DetectorImpl : public torch::nn::Cloneable<Yolov8DetectorImpl> {
 
   /// Where the head's cells lie for an H x W input.
   DetectionLayout layout(int64_t height, int64_t width) const {
-    DetectionLayout l;
-    l.num_classes = options_.num_classes();
-    l.reg_max = options_.reg_max();
-    l.strides = {8, 16, 32};
-    l.image_height = height;
-    l.image_width = width;
-    l.input_height = (height + 31) / 32 * 32;
-    l.input_width = (width + 31) / 32 * 32;
-    return l;
+    return DetectionLayout::for_image(options_.num_classes(), options_.reg_max(), height, width);
   }
 
   const Yolov8DetectorOptions& options() const { return options_; }

@@ -1,33 +1,14 @@
 #pragma once
 // The segmentation task loss of the release (spec section 4): logits resized bilinearly to the label size,
-// then cross-entropy over all classes (background included). Shared input checks of the segmentation
-// task networks live here too.
+// then cross-entropy over all classes (background included).
+
+#include "tdfusion/nn/resize.hpp"
 
 #include <torch/torch.h>
 
 #include <vector>
 
 namespace tdfusion::task {
-
-/// Bilinear resize (align_corners = false) of an N x C x h x w map to height x width; a no-op at that size.
-inline torch::Tensor resize_bilinear(const torch::Tensor& x, int64_t height, int64_t width) {
-  if (x.size(2) == height && x.size(3) == width) return x;
-  namespace F = torch::nn::functional;
-  return F::interpolate(x, F::InterpolateFuncOptions()
-                               .size(std::vector<int64_t>{height, width})
-                               .mode(torch::kBilinear)
-                               .align_corners(false));
-}
-
-/// Checks a task network's input: N x channels x H x W, non-empty, floating point.
-inline void check_task_image(const torch::Tensor& image, int64_t channels, const char* network) {
-  TORCH_CHECK(image.defined(), "tdfusion: ", network, " input is undefined");
-  TORCH_CHECK(image.dim() == 4 && image.size(1) == channels, "tdfusion: ", network, " input must be N x ", channels,
-              " x H x W, got shape ", image.sizes());
-  TORCH_CHECK(image.numel() > 0, "tdfusion: ", network, " input is empty, shape ", image.sizes());
-  TORCH_CHECK(image.is_floating_point(), "tdfusion: ", network, " input must be floating point, got ",
-              image.dtype());
-}
 
 /// Mean cross-entropy of N x C x h x w logits against N x H x W integer class ids over the pixels whose
 /// label is not `ignore_index` (the default -100 ignores nothing, as in PyTorch). Logits of another size
@@ -61,7 +42,7 @@ inline torch::Tensor segmentation_loss(const torch::Tensor& logits, const torch:
                 classes, " classes (ignore_index ", ignore_index, ")");
   }
 
-  const torch::Tensor resized = resize_bilinear(logits, labels.size(1), labels.size(2));
+  const torch::Tensor resized = nn::resize_bilinear(logits, labels.size(1), labels.size(2));
   if (!flags[1].item<bool>()) return resized.sum() * 0;  // keeps the graph, so callers can still differentiate
   namespace F = torch::nn::functional;
   return F::cross_entropy(resized, labels, F::CrossEntropyFuncOptions().ignore_index(ignore_index));

@@ -5,6 +5,8 @@
 // state_dict of that layout maps key for key. Every module is Cloneable: clone() gives the independent
 // snapshot the meta step needs (copying a holder only aliases the network).
 
+#include "tdfusion/core/checks.hpp"
+#include "tdfusion/nn/resize.hpp"
 #include "tdfusion/task/segmentation/cross_entropy.hpp"
 
 #include <torch/torch.h>
@@ -353,7 +355,7 @@ class SegFormerHeadImpl : public torch::nn::Cloneable<SegFormerHeadImpl> {
                 " feature maps, got ", features.size());
     const int64_t h = features[0].size(2), w = features[0].size(3);
     std::vector<torch::Tensor> maps;
-    for (size_t i = features.size(); i-- > 0;) maps.push_back(resize_bilinear(linears_[i]->forward(features[i]), h, w));
+    for (size_t i = features.size(); i-- > 0;) maps.push_back(nn::resize_bilinear(linears_[i]->forward(features[i]), h, w));
     const torch::Tensor fused = linear_fuse_->forward(torch::cat(maps, 1));
     return linear_pred_->forward(torch::feature_dropout(fused, options_.decoder_dropout(), is_training()));
   }
@@ -387,13 +389,13 @@ class SegFormerImpl : public torch::nn::Cloneable<SegFormerImpl> {
 
   /// Decoder logits at 1/4 of the input resolution (what the loss resizes to the labels).
   torch::Tensor coarse_logits(const torch::Tensor& image) {
-    check_task_image(image, options_.in_channels(), "SegFormer");
+    check_image_shape(image, "SegFormer input", options_.in_channels());
     return decode_head_->forward(backbone_->forward(image));
   }
 
   /// Logits N x num_classes x H x W at the input's resolution.
   torch::Tensor forward(const torch::Tensor& image) {
-    return resize_bilinear(coarse_logits(image), image.size(2), image.size(3));
+    return nn::resize_bilinear(coarse_logits(image), image.size(2), image.size(3));
   }
 
   /// Task loss on a fused batch N x in_channels x h x w against N x H x W labels (any H x W).

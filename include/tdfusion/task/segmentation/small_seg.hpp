@@ -4,6 +4,8 @@
 // and eval modes compute the same function; GELU rather than ReLU keeps the task loss smooth in the image, which
 // finite-difference checks of hypergradients rely on.
 
+#include "tdfusion/core/checks.hpp"
+#include "tdfusion/nn/resize.hpp"
 #include "tdfusion/task/segmentation/cross_entropy.hpp"
 
 #include <torch/torch.h>
@@ -43,10 +45,10 @@ class SmallSegNetImpl : public torch::nn::Cloneable<SmallSegNetImpl> {
 
   /// Logits N x num_classes x H x W at the input's resolution.
   torch::Tensor forward(const torch::Tensor& image) {
-    check_task_image(image, options_.in_channels(), "SmallSegNet");
+    check_image_shape(image, "SmallSegNet input", options_.in_channels());
     const torch::Tensor full = torch::gelu(stem_->forward(image));
     const torch::Tensor half = torch::gelu(context_->forward(torch::gelu(down_->forward(full))));
-    const torch::Tensor up = resize_bilinear(half, image.size(2), image.size(3));
+    const torch::Tensor up = nn::resize_bilinear(half, image.size(2), image.size(3));
     return classifier_->forward(torch::gelu(fuse_->forward(torch::cat({full, up}, 1))));
   }
 

@@ -1,0 +1,71 @@
+// Helpers shared by the subcommands of `tdfusion`.
+#include "cli.hpp"
+
+#include <tdfusion/io/atomic_file.hpp>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+// The built-in model: examples/models/default_fusion.pth, embedded at build time by cmake/embed_file.cmake
+// (size 0 when the file was absent at build time).
+extern const unsigned char tdfusion_default_model[];
+extern const std::size_t tdfusion_default_model_size;
+
+namespace tdfusion::cli {
+
+std::pair<int64_t, int64_t> parse_size(const std::string& text, const std::string& option) {
+  int64_t h = 0, w = 0;
+  char x = 0;
+  std::istringstream in(text);
+  if (!(in >> h >> x >> w) || x != 'x' || h <= 0 || w <= 0 || h > 65536 || w > 65536 || !in.eof())
+    throw UsageError(option + ": expected HxW with sides in 1 .. 65536, e.g. 240x320, got '" + text + "'");
+  return {h, w};
+}
+
+fusion::AnyFusion load_model(const std::string& weights) {
+  if (!weights.empty()) return fusion::load_fusion(weights);
+  TORCH_CHECK(tdfusion_default_model_size > 0, "tdfusion: this build has no built-in model "
+              "(examples/models/default_fusion.pth was absent); pass --weights FILE");
+  std::istringstream bytes(
+      std::string(reinterpret_cast<const char*>(tdfusion_default_model), tdfusion_default_model_size));
+  return fusion::load_fusion(bytes, "the built-in model");
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  io::write_file_atomically(path, [&](const std::string& temp) {
+    std::ofstream out(temp);
+    out << text;
+    TORCH_CHECK(out.good(), "tdfusion: writing ", temp, " failed");
+  });
+}
+
+CLI::Validator device_validator() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        const bool cuda = text == "cuda" || text.rfind("cuda:", 0) == 0;
+        if (text != "cpu" && !cuda) return "expected cpu, cuda or cuda:N, got '" + text + "'";
+        if (cuda && !torch::cuda::is_available()) return "no CUDA device is available to this build of LibTorch";
+        try {
+          (void)torch::Device(text);
+        } catch (const c10::Error&) {
+          return "'" + text + "' is not a device (expected cpu, cuda or cuda:N)";
+        }
+        return "";
+      },
+      "cpu|cuda|cuda:N");
+}
+
+CLI::Validator learning_rate_validator() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        double rate = 0.0;
+        std::istringstream in(text);
+        if (!(in >> rate) || !in.eof() || !std::isfinite(rate) || rate <= 0.0 || rate > 10.0)
+          return "expected a learning rate in (0, 10], got '" + text + "'";
+        return "";
+      },
+      "RATE");
+}
+
+}  // namespace tdfusion::cli

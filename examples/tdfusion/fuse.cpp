@@ -1,0 +1,99 @@
+// `tdfusion fuse`: one pair, or two folders of pairs matched by file stem, fused with the built-in model or
+// a state_dict. Everything is checked before the first output is written: every input decodes, partners
+// match in size, and no output would replace an input.
+#include "cli.hpp"
+
+#include <tdfusion/data/paired_folder.hpp>
+#include <tdfusion/fusion/fuse_images.hpp>
+#include <tdfusion/io/image.hpp>
+
+#include <filesystem>
+#include <iostream>
+#include <set>
+
+namespace tdfusion::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct FuseArgs {
+  std::string ir, vi, out, weights, device = "cpu";
+  int64_t tile = 0;
+  bool parallel_tiles = false;
+  bool raw = false;
+};
+
+/// The path as the file system resolves it (symlinks and "..", also for a file that does not exist yet).
+std::string real_path(const std::string& path) { return fs::weakly_canonical(fs::absolute(path)).string(); }
+
+/// Refuses (usage error) an output that would replace one of the inputs.
+void check_outputs(const std::vector<std::pair<data::PairPaths, std::string>>& jobs) {
+  std::set<std::string> inputs;
+  for (const auto& job : jobs) inputs.insert({real_path(job.first.ir), real_path(job.first.vi)});
+  for (const auto& job : jobs) {
+    if (inputs.count(real_path(job.second)) != 0)
+      throw UsageError("--out " + job.second + " would replace an input image; choose another output");
+  }
+}
+
+int run_fuse(const FuseArgs& args) {
+  const torch::Device device(args.device);
+  std::vector<std::pair<data::PairPaths, std::string>> jobs;  // pair -> output file
+  if (fs::is_directory(args.ir) || fs::is_directory(args.vi)) {
+    if (!fs::is_directory(args.ir) || !fs::is_directory(args.vi))
+      throw UsageError("--ir and --vi must both be folders or both be files (got '" + args.ir + "' and '" + args.vi + "')");
+    for (const std::string& input : {args.ir, args.vi}) {
+      if (fs::exists(args.out) && fs::equivalent(args.out, input))
+        throw UsageError("--out " + args.out + " is an input folder; its images would be replaced");
+    }
+    for (const auto& pair : data::match_pairs(args.ir, args.vi, "fuse"))
+      jobs.emplace_back(pair, (fs::path(args.out) / (pair.stem + ".png")).string());
+  } else {
+    jobs.push_back({data::PairPaths{fs::path(args.ir).stem().string(), args.ir, args.vi, ""}, args.out});
+  }
+  check_outputs(jobs);
+  // Every pair decodes and matches in size before anything is written.
+  for (const auto& [pair, out] : jobs) {
+    const torch::Tensor ir = io::read_image(pair.ir), vi = io::read_image(pair.vi);
+    TORCH_CHECK(ir.size(1) == vi.size(1) && ir.size(2) == vi.size(2), "tdfusion: '", pair.ir, "' is ", ir.size(1),
+                " x ", ir.size(2), " (H x W) but its partner '", pair.vi, "' is ", vi.size(1), " x ", vi.size(2));
+  }
+  fusion::AnyFusion net = load_model(args.weights);
+  net.visit([&](auto& n) { n->to(device); return 0; });
+  const auto options = fusion::FuseImagesOptions()
+                           .tile(args.tile)
+                           .parallel_tiles(args.parallel_tiles)
+                           .min_max(!args.raw)
+                           .device(device);
+  if (jobs.size() > 1) fs::create_directories(args.out);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const auto& [pair, out] = jobs[i];
+    const torch::Tensor ir = io::read_image(pair.ir), vi = io::read_image(pair.vi);
+    const torch::Tensor fused = net.visit([&](auto& n) { return fusion::fuse_images(n, ir, vi, options); });
+    io::write_image(out, fused);
+    std::cout << "[" << i + 1 << "/" << jobs.size() << "] " << out << " (" << fused.size(2) << "x" << fused.size(1)
+              << (fused.size(0) == 3 ? ", colour" : ", grey") << ")\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+Subcommand add_fuse(CLI::App& app) {
+  auto args = std::make_shared<FuseArgs>();
+  CLI::App* cmd = app.add_subcommand("fuse", "fuse one pair or two folders of pairs");
+  cmd->add_option("--ir", args->ir, "infrared image or folder")->required();
+  cmd->add_option("--vi", args->vi, "visible image or folder")->required();
+  cmd->add_option("--out", args->out, "output image (.png/.jpg/.bmp) or folder")->required();
+  cmd->add_option("--weights", args->weights, "fusion state_dict (.pth; default: the built-in model)");
+  cmd->add_option("--tile", args->tile, "fuse in tiles of this side (exact; bounds the network's memory)")
+      ->check(CLI::Range(int64_t{32}, int64_t{65536}).description("32 .. 65536"));
+  cmd->add_flag("--parallel-tiles", args->parallel_tiles,
+                "with --tile: a tile per thread at a time (faster for tiles of about 128, memory of one tile each)");
+  cmd->add_option("--device", args->device, "cpu, cuda or cuda:N")->capture_default_str()->check(device_validator());
+  cmd->add_flag("--raw", args->raw, "keep the network's output range (no per-image min-max stretch)");
+  return {cmd, [args] { return run_fuse(*args); }};
+}
+
+}  // namespace tdfusion::cli
