@@ -225,7 +225,7 @@ TEST_CASE("metrics: agree with the independent NumPy/SciPy reference on real TNO
     MESSAGE("skipped: no python3 with numpy, scipy and PIL was found at configure time (see .ci/bootstrap)");
     return;
   }
-  const std::string script = (fs::path(__FILE__).parent_path() / "reference" / "fusion_metrics_reference.py").string();
+  const std::string script = TDFUSION_REFERENCE_SCRIPT;  // not __FILE__: -ffile-prefix-map makes it relative
   Scratch scratch("python");
   struct Case {
     std::string ir, vi, fused, names;
