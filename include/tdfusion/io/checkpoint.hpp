@@ -26,6 +26,7 @@
 #include "tdfusion/io/atomic_file.hpp"
 #include "tdfusion/io/zip_archive.hpp"
 
+#include <caffe2/serialize/versions.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -49,9 +50,11 @@ inline constexpr int64_t kCheckpointVersion = 1;
 /// Default bound on the uncompressed size of a checkpoint's records together: what LibTorch allocates to read
 /// it. For scale: ReFusion + LPN + SegFormer-B0 with their Adam states take 45 MB.
 inline constexpr uint64_t kMaxCheckpointBytes = uint64_t{1} << 30;
-/// Bounds on the records LibTorch parses (its pickles and TorchScript source), checked before it does.
-inline constexpr uint64_t kMaxCheckpointScriptBytes = uint64_t{16} << 20;  ///< each pickle or source record
-inline constexpr uint32_t kMaxCheckpointNesting = 256;                     ///< nesting of a pickle's values
+/// Bounds on the records LibTorch parses (its pickles and TorchScript source), checked before it does. For
+/// scale: a checkpoint of ReFusion + LPN + SmallDetector with their Adam states has a 60 KB data.pkl whose
+/// values nest 20 levels deep.
+inline constexpr uint64_t kMaxCheckpointScriptBytes = uint64_t{4} << 20;  ///< each pickle or source record
+inline constexpr uint32_t kMaxCheckpointNesting = 256;                    ///< nesting of a pickle's values
 
 /// What a checkpoint holds. Names are the caller's choice (no '.' or '/'; each unique within its list).
 /// The pointers are not owned and must outlive the save / load call.
@@ -112,6 +115,12 @@ inline void check_pickle(const std::string& bytes, const std::string& where) {
     const uint32_t v = top();
     stack.pop_back();
     return v;
+  };
+  // LibTorch's unpickler keeps its memo in an array as long as the largest key (LibTorch's pickler numbers
+  // them from 0), so a large key would make it allocate 16 bytes per number below it.
+  const auto memo_key = [&](uint64_t key) {
+    TORCH_CHECK(key < bytes.size(), "tdfusion: ", where, " is malformed (memo key ", key, " beyond its size)");
+    return key;
   };
   const auto recall = [&](uint64_t key) {
     const auto found = memo.find(key);
@@ -192,7 +201,7 @@ inline void check_pickle(const std::string& bytes, const std::string& where) {
         break;
       }
       case 'q': memo[number(1)] = top(); break;                                  // BINPUT
-      case 'r': memo[number(4)] = top(); break;                                  // LONG_BINPUT
+      case 'r': memo[memo_key(number(4))] = top(); break;                        // LONG_BINPUT
       case 0x94: memo[memo.size()] = top(); break;                               // MEMOIZE
       case 'h': share(recall(number(1))); break;                                 // BINGET
       case 'j': share(recall(number(4))); break;                                 // LONG_BINGET
@@ -278,6 +287,21 @@ inline void check_declarations(const std::string& text, const std::string& where
   }
 }
 
+/// Checks a checkpoint's version record: LibTorch's reader throws from its constructor, leaking its zip state,
+/// unless it holds a format version that this LibTorch reads.
+inline void check_version(const std::string& text, const std::string& where) {
+  const std::string digits = text.substr(0, text.find_last_not_of(" \t\r\n") + 1);
+  TORCH_CHECK(!digits.empty() && digits.size() <= 18 &&
+                  std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }),
+              "tdfusion: ", where, " is not a format version");
+  const uint64_t version = std::stoull(digits);
+  TORCH_CHECK(version >= caffe2::serialize::kMinSupportedFileFormatVersion &&
+                  version <= caffe2::serialize::kMaxSupportedFileFormatVersion,
+              "tdfusion: ", where, " says format version ", version, ", which this LibTorch does not read (",
+              caffe2::serialize::kMinSupportedFileFormatVersion, " to ",
+              caffe2::serialize::kMaxSupportedFileFormatVersion, ")");
+}
+
 /// Checks every zip record of the file at `path` before LibTorch reads it: sizes within `max_bytes` together,
 /// CRC-32s, and the records LibTorch parses (pickles, TorchScript source) as check_pickle and
 /// check_declarations say.
@@ -287,6 +311,12 @@ inline void verify_archive(const std::string& path, uint64_t max_bytes) {
   TORCH_CHECK(file.good(), "tdfusion: cannot open checkpoint '", path, "': ", std::strerror(errno));
   TORCH_CHECK(starts_as_zip(file), "tdfusion: '", path, "' is not a readable checkpoint (not a zip archive)");
   ZipArchive archive(file, "checkpoint '" + path + "'");
+  const std::string folder = archive.folder();
+  TORCH_CHECK(!folder.empty(), "tdfusion: '", path, "' is not a readable checkpoint (its records are not in a folder)");
+  const ZipEntry* version = archive.find(folder + ".data/version");  // where LibTorch looks first
+  if (version == nullptr) version = archive.find(folder + "version");
+  TORCH_CHECK(version != nullptr, "tdfusion: '", path, "' is not a readable checkpoint (it has no version record)");
+  check_version(archive.read_string(*version, 64), "checkpoint '" + path + "': record " + version->name);
   uint64_t total = 0;
   for (const ZipEntry& entry : archive.entries()) {
     TORCH_CHECK(entry.size <= max_bytes - total, "tdfusion: checkpoint '", path, "' declares more than ",
@@ -299,9 +329,10 @@ inline void verify_archive(const std::string& path, uint64_t max_bytes) {
   };
   for (const ZipEntry& entry : archive.entries()) {
     const std::string where = "checkpoint '" + path + "': record " + entry.name;
-    if (ends(entry.name, "pkl")) {  // data.pkl, constants.pkl, *.debug_pkl
+    const std::string name = ZipArchive::lower_case(entry.name);  // LibTorch finds records ignoring case
+    if (ends(name, "pkl")) {  // data.pkl, constants.pkl, *.debug_pkl
       check_pickle(archive.read_string(entry, kMaxCheckpointScriptBytes), where);
-    } else if (ends(entry.name, ".py")) {
+    } else if (ends(name, ".py")) {
       check_declarations(archive.read_string(entry, kMaxCheckpointScriptBytes), where);
     } else {
       archive.read(entry, [](const char*, size_t) {});
@@ -329,7 +360,11 @@ inline void check_archive_finite(torch::serialize::InputArchive archive, const s
       if (current.archive.try_read(key, child)) {
         pending.push_back({std::move(child), name});
       } else if (current.archive.try_read(key, value) && value.isTensor()) {
-        check_finite(value.toTensor(), "checkpoint '" + path + "': " + name);
+        const torch::Tensor tensor = value.toTensor();
+        // A view of more elements than its storage holds (stride 0) would make the check below allocate them.
+        TORCH_CHECK(tensor.numel() <= static_cast<int64_t>(tensor.storage().nbytes()) / tensor.element_size(),
+                    "tdfusion: checkpoint '", path, "': ", name, " has more elements than its storage holds");
+        check_finite(tensor, "checkpoint '" + path + "': " + name);
       } else {
         TORCH_CHECK(!value.isDouble() || std::isfinite(value.toDouble()), "tdfusion: checkpoint '", path, "': ",
                     name, " is not a finite number");

@@ -12,6 +12,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -77,10 +78,22 @@ class ZipArchive {
 
   const std::vector<ZipEntry>& entries() const { return entries_; }
 
-  /// The record called `name`, or nullptr.
+  /// The folder that torch.save and LibTorch put every record in, named by the first record ("archive/"), or ""
+  /// when there is no record or the first is not in a folder.
+  std::string folder() const {
+    const size_t slash = entries_.empty() ? std::string::npos : entries_.front().name.find('/');
+    return slash == std::string::npos ? "" : entries_.front().name.substr(0, slash + 1);
+  }
+
+  /// The record called `name`, ignoring case as LibTorch's reader (miniz) does, or nullptr.
   const ZipEntry* find(const std::string& name) const {
-    const auto found = index_.find(name);
+    const auto found = index_.find(lower_case(name));
     return found == index_.end() ? nullptr : &entries_[found->second];
+  }
+
+  static std::string lower_case(std::string text) {
+    for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return text;
   }
 
   /// Streams the record's uncompressed bytes to `sink` in chunks, then checks their count and CRC-32.
@@ -222,8 +235,8 @@ class ZipArchive {
                                     : entry.size / kMaxDeflateRatio <= entry.compressed_size,
                   "tdfusion: ", file_, ": record ", entry.name, " declares ", entry.size, " bytes, which its ",
                   entry.compressed_size, " stored bytes cannot hold (damaged or a decompression bomb)");
-      TORCH_CHECK(index_.emplace(entry.name, entries_.size()).second, "tdfusion: ", file_, ": record ", entry.name,
-                  " appears twice");
+      TORCH_CHECK(index_.emplace(lower_case(entry.name), entries_.size()).second, "tdfusion: ", file_, ": record ",
+                  entry.name, " appears twice (names are compared ignoring case)");
       entries_.push_back(std::move(entry));
     }
   }
@@ -293,7 +306,7 @@ class ZipArchive {
   std::string file_;
   uint64_t file_size_ = 0;
   std::vector<ZipEntry> entries_;
-  std::map<std::string, size_t> index_;
+  std::map<std::string, size_t> index_;  // lower-case name -> entry
   std::vector<char> buffer_ = std::vector<char>(kChunk);
 };
 
