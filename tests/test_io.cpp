@@ -1,17 +1,26 @@
-// Image files, colour restoration and the paired-folder data set.
+// Image files, colour restoration, the paired-folder data set, and model files (state_dicts, checkpoints).
 #include <doctest/doctest.h>
 
 #include "tdfusion/data/paired_folder.hpp"
+#include "tdfusion/fusion/light_fusion.hpp"
+#include "tdfusion/io/checkpoint.hpp"
 #include "tdfusion/io/colour.hpp"
 #include "tdfusion/io/image.hpp"
+#include "tdfusion/io/torch_state_dict.hpp"
 
 #include <unistd.h>
+#include <zlib.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
+#include <optional>
+#include <set>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -556,4 +565,532 @@ TEST_CASE("PairedFolder on the real TNO and MSRS pairs") {
     CHECK(road.size() == 50);
     road.get(3).check();  // grey and colour JPEGs, crops clamped to images smaller than 256
   }
+}
+
+// ---------------------------------------------------------------------------------------------- model files
+// State_dicts and checkpoints from anyone: each class of hostile file is made here, byte by byte.
+
+namespace {
+
+using namespace std::string_literals;
+
+std::string le_bytes(uint64_t value, int width) {
+  std::string out;
+  for (int i = 0; i < width; ++i) out += static_cast<char>((value >> (8 * i)) & 0xff);
+  return out;
+}
+
+/// The raw deflate stream of `data`: zlib's compress2 output without its 2-byte header and Adler-32 trailer.
+std::string deflate_raw(const std::string& data) {
+  uLongf size = compressBound(static_cast<uLong>(data.size()));
+  std::string out(size, '\0');
+  REQUIRE(compress2(reinterpret_cast<Bytef*>(out.data()), &size, reinterpret_cast<const Bytef*>(data.data()),
+                    static_cast<uLong>(data.size()), 9) == Z_OK);
+  return out.substr(2, size - 6);
+}
+
+struct ZipRecord {
+  std::string name, data;
+  bool deflate = false;
+  std::optional<uint64_t> declared_size = {};  // what the directory says it inflates to (default: the truth)
+};
+
+/// A plain zip archive (no zip64) of `records`, as a hand-written file would be.
+std::string zip_archive(const std::vector<ZipRecord>& records) {
+  std::string out, directory;
+  for (const ZipRecord& record : records) {
+    const std::string stored = record.deflate ? deflate_raw(record.data) : record.data;
+    const uLong crc =
+        crc32(0L, reinterpret_cast<const Bytef*>(record.data.data()), static_cast<uInt>(record.data.size()));
+    // version, flags, method, time, date, CRC, sizes, name and extra lengths: the same in both headers
+    const std::string common = le_bytes(20, 2) + le_bytes(0, 2) + le_bytes(record.deflate ? 8 : 0, 2) + le_bytes(0, 4) +
+                               le_bytes(crc, 4) + le_bytes(stored.size(), 4) +
+                               le_bytes(record.declared_size.value_or(record.data.size()), 4) +
+                               le_bytes(record.name.size(), 2) + le_bytes(0, 2);
+    // then comment length, disk, internal and external attributes, and where the local header is
+    directory += le_bytes(0x02014b50, 4) + le_bytes(20, 2) + common + le_bytes(0, 6) + le_bytes(0, 4) +
+                 le_bytes(out.size(), 4) + record.name;
+    out += le_bytes(0x04034b50, 4) + common + record.name + stored;
+  }
+  const size_t directory_offset = out.size();
+  return out + directory + le_bytes(0x06054b50, 4) + le_bytes(0, 4) + le_bytes(records.size(), 2) +
+         le_bytes(records.size(), 2) + le_bytes(directory.size(), 4) + le_bytes(directory_offset, 4) + le_bytes(0, 2);
+}
+
+/// Pickle opcodes, written by hand so that a test can give a tensor any size, stride or offset.
+struct Pickle {
+  std::string bytes = "\x80\x02";  // PROTO 2
+  Pickle& op(const std::string& opcodes) {
+    bytes += opcodes;
+    return *this;
+  }
+  Pickle& global(const std::string& module, const std::string& name) { return op("c" + module + "\n" + name + "\n"); }
+  Pickle& string(const std::string& text) { return op("X" + le_bytes(text.size(), 4) + text); }
+  Pickle& integer(int64_t value) { return op("\x8a\x08" + le_bytes(static_cast<uint64_t>(value), 8)); }  // LONG1
+  Pickle& integers(const std::vector<int64_t>& values) {
+    op("(");
+    for (const int64_t v : values) integer(v);
+    return op("t");
+  }
+};
+
+/// A float tensor of a state_dict as torch.save describes it.
+struct TensorSpec {
+  std::string key;
+  std::vector<int64_t> sizes, strides;
+  int64_t storage_numel = 0;
+  std::string storage = "0";
+  int64_t offset = 0;
+};
+
+/// data.pkl of an OrderedDict of _rebuild_tensor_v2 calls on float storages, as torch.save writes it.
+std::string state_dict_pickle(const std::vector<TensorSpec>& tensors) {
+  Pickle pickle;
+  pickle.global("collections", "OrderedDict").op(")R(");
+  for (const TensorSpec& t : tensors) {
+    pickle.string(t.key).global("torch._utils", "_rebuild_tensor_v2").op("((").string("storage");
+    pickle.global("torch", "FloatStorage").string(t.storage).string("cpu").integer(t.storage_numel).op("tQ");
+    pickle.integer(t.offset).integers(t.sizes).integers(t.strides).op("\x89");
+    pickle.global("collections", "OrderedDict").op(")RtR");
+  }
+  return pickle.op("u.").bytes;
+}
+
+/// A torch.save file of `tensors`; storage element i holds the float i.
+std::string state_dict_file(const std::vector<TensorSpec>& tensors, bool deflate = false) {
+  std::vector<ZipRecord> records = {{"archive/data.pkl", state_dict_pickle(tensors), deflate}};
+  std::set<std::string> written;
+  for (const TensorSpec& t : tensors) {
+    if (!written.insert(t.storage).second) continue;
+    const torch::Tensor values = torch::arange(t.storage_numel, torch::kFloat);
+    records.push_back({"archive/data/" + t.storage,
+                       std::string(static_cast<const char*>(values.data_ptr()), t.storage_numel * sizeof(float)),
+                       deflate});
+  }
+  return zip_archive(records);
+}
+
+tdfusion::ParamDict read_state_dict_bytes(const std::string& bytes, uint64_t max_bytes = io::kMaxStateDictBytes) {
+  std::istringstream in(bytes);
+  return io::read_torch_state_dict(in, "crafted.pth", max_bytes);
+}
+
+/// The error of reading `bytes` as crafted.pth, which must come within a second.
+std::string refusal(const std::string& bytes, uint64_t max_bytes = io::kMaxStateDictBytes) {
+  const auto start = std::chrono::steady_clock::now();
+  const std::string message = error_message([&] { read_state_dict_bytes(bytes, max_bytes); });
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  INFO(message);
+  CHECK(elapsed < 1.0);
+  CHECK(message.rfind("tdfusion: crafted.pth", 0) == 0);
+  return message;
+}
+
+/// No text of LibTorch's or the standard library's internals.
+bool plain_words(const std::string& message) {
+  for (const char* raw : {"setStorage", "out of bounds", "integer multiplication overflow", "_M_range_check",
+                          "enforce fail", "istream reader failed", "PytorchStreamReader", "Exception raised from"})
+    if (contains(message, raw)) return false;
+  return true;
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
+
+}  // namespace
+
+TEST_CASE("hand-made state_dicts load, stored or deflated, with views sharing their storage") {
+  const std::vector<TensorSpec> tensors = {
+      {"a", {2, 3}, {3, 1}, 6}, {"b", {3}, {2}, 6, "0", 1}, {"c", {0}, {1}, 0, "1"}};
+  for (const bool deflate : {false, true}) {
+    const auto state = read_state_dict_bytes(state_dict_file(tensors, deflate));
+    REQUIRE(state.size() == 3);
+    CHECK(torch::equal(state["a"], torch::arange(6, torch::kFloat).view({2, 3})));
+    CHECK(torch::equal(state["b"], torch::tensor({1.0f, 3.0f, 5.0f})));
+    CHECK(state["a"].data_ptr() == static_cast<float*>(state["b"].data_ptr()) - 1);
+    CHECK(state["c"].numel() == 0);
+  }
+}
+
+TEST_CASE("state_dict pickles: deep nesting and long MARKs take linear time and no recursion") {
+  // 10^6 nested tuples: a 1 KB file whose value tree used to be destroyed recursively (stack overflow).
+  const std::string nested =
+      zip_archive({{"archive/data.pkl", "\x80\x02)" + std::string(1000000, '\x85') + ".", /*deflate=*/true}});
+  CHECK(nested.size() < 2000);
+  CHECK(contains(refusal(nested), "crafted.pth does not hold a dictionary"));
+  // MARK, 3 * 10^6 NONE, TUPLE: a 3 KB file that took quadratic time; now beyond the pickle's size limit, and
+  // 10^6 NONEs, within it, take linear time.
+  const auto marked = [](size_t nones) {
+    return zip_archive({{"archive/data.pkl", "\x80\x02(" + std::string(nones, 'N') + "t.", /*deflate=*/true}});
+  };
+  CHECK(marked(3000000).size() < 5000);
+  CHECK(contains(refusal(marked(3000000)),
+                 "record archive/data.pkl declares 3000005 bytes, more than the 1048576 allowed"));
+  CHECK(contains(refusal(marked(1000000)), "crafted.pth does not hold a dictionary"));
+  // A dictionary holding itself (memo put, then get it twice and SETITEM): nothing to leak or recurse into.
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", "\x80\x02}q\x00h\x00h\x00s."s}})),
+                 "crafted.pth: entry 0 is not a name -> tensor pair"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", "\x80\x02(N0t."}})),
+                 "crafted.pth: unsupported pickle opcode 0x30 in data.pkl"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", "\x80\x02(N"}})), "crafted.pth: data.pkl is truncated"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", "\x80\x02N(N\x86."}})),
+                 "crafted.pth: malformed data.pkl (stack underflow)"));
+}
+
+TEST_CASE("state_dict tensors are checked against their storage, with their names, before anything is allocated") {
+  // A 10000-wide LightFusion input convolution from one stored float (stride 0): the 746-byte amplification.
+  const std::string wide = state_dict_file({{"conv0.weight", {10000, 2, 3, 3}, {0, 0, 0, 0}, 1}});
+  CHECK(wide.size() < 1000);
+  CHECK(contains(refusal(wide),
+                 "crafted.pth: 'conv0.weight' has shape [10000, 2, 3, 3], more elements than its "
+                 "storage data/0 holds (1)"));
+  // Twins of 2^48 stride-0 elements each, which used to be compared element by element.
+  const int64_t big = int64_t{1} << 24;
+  CHECK(contains(
+      refusal(state_dict_file({{"x.weight", {big, big}, {0, 0}, 1}, {"x.conv.weight", {big, big}, {0, 0}, 1}})),
+      "'x.weight' has shape [16777216, 16777216], more elements than its storage data/0 holds (1)"));
+  // An element count beyond int64.
+  const int64_t huge = int64_t{1} << 40;
+  const std::string overflow = refusal(state_dict_file({{"w", {huge, huge, huge}, {1, 1, 1}, 8}}));
+  CHECK(contains(overflow,
+                 "'w' has shape [1099511627776, 1099511627776, 1099511627776], more elements than its "
+                 "storage data/0 holds (8)"));
+  CHECK(plain_words(overflow));
+  CHECK(contains(refusal(state_dict_file({{"w", {4}, {1}, 8, "0", 5}})),
+                 "'w' (shape [4], strides [1], offset 5) reaches beyond its storage data/0, which holds 8 elements"));
+  CHECK(contains(refusal(state_dict_file({{"w", {2, 2}, {1, huge}, 8}})),
+                 "'w' (shape [2, 2], strides [1, 1099511627776]"));
+  CHECK(contains(refusal(state_dict_file({{"w", {-1}, {1}, 8}})),
+                 "'w': its shape holds something other than a non-negative integer"));
+  CHECK(contains(refusal(state_dict_file({{"w", {2, 2}, {1}, 8}})), "'w' has 2 sizes but 1 strides"));
+  CHECK(contains(refusal(state_dict_file({{"a", {2}, {1}, 8}, {"b", {2}, {1}, 4}})),
+                 "'b' describes its storage data/0 differently from an earlier entry"));
+  CHECK(contains(refusal(state_dict_file({{"a", {2}, {1}, 8}, {"a", {2}, {1}, 8}})), "'a' appears twice"));
+  // A storage whose declared size is not what its record holds, and one beyond the budget.
+  std::string lying = state_dict_pickle({{"w", {2}, {1}, 100}});
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", lying}, {"archive/data/0", std::string(32, '\0')}})),
+                 "storage data/0 holds 32 bytes, expected 400 (100 elements of 4 bytes)"));
+  lying = state_dict_pickle({{"w", {2}, {1}, int64_t{1} << 60}});
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", lying}, {"archive/data/0", std::string(32, '\0')}})),
+                 "the tensors need more than 536870912 bytes (storage data/0 of 'w' declares 1152921504606846976 "
+                 "elements)"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", lying}})), "storage record data/0 of 'w' is missing"));
+}
+
+TEST_CASE("load_state_dict compares twins only once their shapes match") {
+  tdfusion::fusion::LightFusion net(tdfusion::fusion::LightFusionOptions().width(2).depth(0));
+  tdfusion::ParamDict state = io::released_layout(*net);
+  state["conv0.conv.weight"] = torch::zeros({2, 2, 3});
+  CHECK(contains(error_message([&] { io::load_state_dict(*net, state, "twins.pth"); }),
+                 "tdfusion: twins.pth: conv0.conv.weight differs from its twin conv0.weight"));
+  state["conv0.conv.weight"] = torch::zeros({2, 2, 3, 3}, torch::kDouble);
+  CHECK(contains(error_message([&] { io::load_state_dict(*net, state, "twins.pth"); }), "differs from its twin"));
+}
+
+TEST_CASE("zip records: decompression is bounded by documented limits, checked before inflating") {
+  // A 16 MiB data.pkl deflated to 16 KB: refused from the size its directory declares.
+  const std::string pickle_bomb = zip_archive({{"archive/data.pkl", std::string(16 << 20, 'N'), true}});
+  CHECK(pickle_bomb.size() < 20000);
+  CHECK(
+      contains(refusal(pickle_bomb), "record archive/data.pkl declares 16777216 bytes, more than the 1048576 allowed"));
+  // 16 MiB of storage: refused under a 1 MiB budget, before its tensor exists; read under the default one.
+  const std::string storage_bomb =
+      zip_archive({{"archive/data.pkl", state_dict_pickle({{"w", {4 << 20}, {1}, 4 << 20}})},
+                   {"archive/data/0", std::string(16 << 20, '\0'), true}});
+  CHECK(storage_bomb.size() < 100000);
+  CHECK(contains(refusal(storage_bomb, 1 << 20), "the tensors need more than 1048576 bytes"));
+  CHECK(read_state_dict_bytes(storage_bomb)["w"].numel() == 4 << 20);
+  // Sizes that the stored bytes cannot hold, or that inflating contradicts.
+  const std::string pickle = state_dict_pickle({});  // an empty OrderedDict: 32 bytes
+  REQUIRE(pickle.size() == 32);
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", pickle, false, uint64_t{1} << 31}})),
+                 "record archive/data.pkl declares 2147483648 bytes, which its 32 stored bytes cannot hold"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", pickle, true, 4000000}})),
+                 "stored bytes cannot hold (damaged or a decompression bomb)"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", pickle, true, 31}})),
+                 "record archive/data.pkl inflates to more than its declared 31 bytes"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", pickle, true, 33}})),
+                 "record archive/data.pkl holds 32 bytes, its directory entry says 33"));
+  std::string garbled = zip_archive({{"archive/data.pkl", pickle, true}});
+  garbled[30 + 16] ^= 0x40;  // inside the deflate stream
+  CHECK(contains(refusal(garbled), "record archive/data.pkl is damaged"));
+  CHECK(contains(refusal(zip_archive({{"data.pkl", pickle}})),
+                 "crafted.pth is not a torch.save file (its records are not in a folder)"));
+  CHECK(contains(refusal(zip_archive({{"archive/x", ""}})), "crafted.pth has no data.pkl"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", pickle}, {"archive/data.pkl", pickle}})), "appears twice"));
+  CHECK(contains(refusal(zip_archive({{"archive/data.pkl", pickle}, {"archive/byteorder", "big"}})),
+                 "was saved big-endian"));
+  CHECK(contains(refusal(""), "crafted.pth is not a PyTorch zip archive"));
+  const std::string whole = state_dict_file({{"w", {2}, {1}, 2}});
+  for (const size_t cut : {whole.size() - 1, whole.size() - 30, whole.size() / 2, size_t{40}}) {
+    const std::string message = refusal(whole.substr(0, cut));
+    CHECK(plain_words(message));
+  }
+}
+
+TEST_CASE("a flipped bit in a state_dict is found by the records' CRC-32") {
+  std::string flipped = state_dict_file({{"w", {4}, {1}, 4}});
+  flipped[flipped.find("archive/data/0") + 14 + 5] ^= 0x01;  // in the first float after the local header's name
+  CHECK(contains(refusal(flipped), "crafted.pth: record archive/data/0 is damaged (its CRC-32 does not match)"));
+
+  const std::string fixture = std::string(TDFUSION_SHARED_DIR) + "/fixtures/refusion-state-dict/refusion_state.pth";
+  if (!fs::exists(fixture)) {
+    MESSAGE("skipped: the fixture " << fixture << " is absent");
+    return;
+  }
+  const std::string bytes = file_bytes(fixture);
+  const auto original = read_state_dict_bytes(bytes);
+  // data.pkl's bytes start after the first local header (30 bytes, its name and extra field).
+  const size_t pickle_start =
+      30 + (uint8_t(bytes[26]) | uint8_t(bytes[27]) << 8) + (uint8_t(bytes[28]) | uint8_t(bytes[29]) << 8);
+  std::string damaged = bytes;
+  damaged[pickle_start + 100] ^= 0x10;
+  CHECK(contains(refusal(damaged), "record refusion_state/data.pkl is damaged (its CRC-32 does not match)"));
+  // A bit flipped anywhere: refused with a sentence naming the file, or harmless (the same tensors).
+  int refused = 0, harmless = 0;
+  for (size_t at = 7; at < bytes.size(); at += 997) {
+    damaged = bytes;
+    damaged[at] ^= static_cast<char>(1 << (at % 8));
+    std::istringstream in(damaged);
+    try {
+      const auto state = io::read_torch_state_dict(in, "crafted.pth");
+      bool same = state.size() == original.size();
+      for (size_t i = 0; same && i < state.size(); ++i)
+        same = state[i].key() == original[i].key() && torch::equal(state[i].value(), original[i].value());
+      INFO("bit flipped at byte " << at);
+      CHECK(same);
+      ++harmless;
+    } catch (const c10::Error& error) {
+      const std::string message = error.what_without_backtrace();
+      INFO(message);
+      CHECK(message.rfind("tdfusion: crafted.pth", 0) == 0);
+      CHECK(plain_words(message));
+      ++refused;
+    }
+  }
+  MESSAGE("fixture with one bit flipped at " << refused + harmless << " places: " << refused << " refused, " << harmless
+                                             << " harmless");
+  CHECK(refused > 250);
+}
+
+namespace {
+
+/// A checkpoint of a small network and its Adam state after one step.
+struct SmallRun {
+  torch::nn::Linear net{4, 3};
+  torch::optim::Adam adam{net->parameters(), torch::optim::AdamOptions(0.01)};
+  io::CheckpointState state() {
+    io::CheckpointState s;
+    s.modules = {{"fusion", net.ptr()}};
+    s.optimizers = {{"adam", &adam}};
+    s.counters = {{"epoch", 2}};
+    return s;
+  }
+  SmallRun() {
+    adam.zero_grad();
+    net->forward(torch::ones({2, 4})).sum().backward();
+    adam.step();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a flipped bit in a checkpoint is found by the records' CRC-32") {
+  ScratchDir dir("checkpoint-bits");
+  const std::string path = dir.file("checkpoint.pt");
+  SmallRun saved;
+  io::save_checkpoint(path, saved.state());
+  const std::string bytes = file_bytes(path);
+
+  // The first tensor record: its data follows its local header (30 bytes, the name and an extra field).
+  const size_t name = bytes.find("/data/0");
+  REQUIRE(name != std::string::npos);
+  const size_t header = bytes.rfind("PK\x03\x04"s, name);
+  const auto u16 = [&](size_t at) { return size_t(uint8_t(bytes[at])) | size_t(uint8_t(bytes[at + 1])) << 8; };
+  std::string damaged = bytes;
+  damaged[header + 30 + u16(header + 26) + u16(header + 28) + 4] ^= 0x04;  // in the weight's second float
+  const std::string flipped = dir.file("flipped.pt");
+  write_bytes(flipped, damaged);
+  SmallRun loaded;
+  io::CheckpointState state = loaded.state();
+  const torch::Tensor before = loaded.net->weight.clone();
+  const std::string message = error_message([&] { io::load_checkpoint(flipped, state); });
+  CHECK(contains(message, "tdfusion: checkpoint '" + flipped + "': record "));
+  CHECK(contains(message, "is damaged (its CRC-32 does not match)"));
+  CHECK(torch::equal(loaded.net->weight, before));
+
+  // A bit flipped anywhere: refused with a sentence naming the file, or harmless (the same weights).
+  int refused = 0, harmless = 0;
+  for (size_t at = 3; at < bytes.size(); at += bytes.size() / 40) {
+    damaged = bytes;
+    damaged[at] ^= static_cast<char>(1 << (at % 8));
+    write_bytes(flipped, damaged);
+    SmallRun run;
+    io::CheckpointState s = run.state();
+    try {
+      io::load_checkpoint(flipped, s);
+      INFO("bit flipped at byte " << at);
+      CHECK(torch::equal(run.net->weight, saved.net->weight));
+      CHECK(torch::equal(run.net->bias, saved.net->bias));
+      ++harmless;
+    } catch (const c10::Error& error) {
+      const std::string text = error.what_without_backtrace();
+      INFO(text);
+      CHECK(text.rfind("tdfusion: ", 0) == 0);
+      CHECK(contains(text, flipped));
+      CHECK(plain_words(text));
+      ++refused;
+    }
+  }
+  // The harmless places are alignment padding and header fields that no reader uses (a small checkpoint is
+  // almost half zip metadata).
+  MESSAGE("checkpoint of " << bytes.size() << " bytes with one bit flipped at " << refused + harmless
+                           << " places: " << refused << " refused, " << harmless << " harmless");
+  CHECK(refused >= 20);
+
+  // Truncated, and a zip that is not a checkpoint.
+  write_bytes(flipped, bytes.substr(0, bytes.size() / 2));
+  const std::string truncated = error_message([&] { io::load_checkpoint(flipped, state); });
+  CHECK(contains(truncated, "tdfusion: checkpoint '" + flipped + "'"));
+  CHECK(plain_words(truncated));
+  write_bytes(flipped, state_dict_file({{"w", {2}, {1}, 2}}));
+  CHECK(error_message([&] { io::load_checkpoint(flipped, state); }) ==
+        "tdfusion: '" + flipped + "' is not a readable checkpoint (it has no version record)");
+  // Records beyond the budget are refused before LibTorch allocates them.
+  CHECK(contains(error_message([&] { io::load_checkpoint(path, state, 1000); }),
+                 "tdfusion: checkpoint '" + path + "' declares more than 1000 bytes of records"));
+  CHECK_NOTHROW(io::load_checkpoint(path, state));
+}
+
+TEST_CASE("non-finite weights are refused, naming the file and the key") {
+  ScratchDir dir("non-finite");
+  tdfusion::fusion::LightFusion net(tdfusion::fusion::LightFusionOptions().width(2).depth(0));
+  const std::string weights = dir.file("nan.pth");
+  {
+    torch::NoGradGuard no_grad;
+    net->named_parameters()["conv0.bias"][1] = std::nan("");
+  }
+  io::write_torch_state_dict(weights, io::released_layout(*net));
+  tdfusion::fusion::LightFusion target(tdfusion::fusion::LightFusionOptions().width(2).depth(0));
+  CHECK(error_message([&] { io::load_torch_state_dict(*target, weights); }) ==
+        "tdfusion: " + weights + ": 'conv0.bias' contains NaN or infinite values");
+
+  const std::string path = dir.file("checkpoint.pt");
+  SmallRun poisoned;
+  {
+    torch::NoGradGuard no_grad;
+    poisoned.net->weight[0][1] = std::numeric_limits<float>::infinity();
+  }
+  io::save_checkpoint(path, poisoned.state());
+  SmallRun loaded;
+  io::CheckpointState state = loaded.state();
+  CHECK(contains(error_message([&] { io::load_checkpoint(path, state); }),
+                 "tdfusion: checkpoint '" + path + "': fusion.weight contains NaN or infinite values"));
+
+  // NaN in Adam's moments (a NaN gradient), the weights themselves finite again.
+  SmallRun moments;
+  const torch::Tensor weight = moments.net->weight.detach().clone();
+  moments.net->weight.mutable_grad() = torch::full_like(weight, std::nan(""));
+  moments.adam.step();
+  {
+    torch::NoGradGuard no_grad;
+    moments.net->weight.copy_(weight);
+  }
+  io::save_checkpoint(path, moments.state());
+  const torch::Tensor before = loaded.net->weight.clone();
+  const std::string message = error_message([&] { io::load_checkpoint(path, state); });
+  CHECK(contains(message, "tdfusion: checkpoint '" + path + "': optimizers.adam."));
+  CHECK(contains(message, "contains NaN or infinite values"));
+  CHECK(torch::equal(loaded.net->weight, before));  // nothing was changed
+
+  // Adam's moments as a view of one stored element (stride 0): checking them must not allocate the view.
+  SmallRun expanded;
+  for (auto& entry : expanded.adam.state()) {
+    auto& moments = static_cast<torch::optim::AdamParamState&>(*entry.second);
+    moments.exp_avg(torch::zeros({1}).expand(moments.exp_avg().sizes()));
+  }
+  io::save_checkpoint(path, expanded.state());
+  const std::string view = error_message([&] { io::load_checkpoint(path, state); });
+  CHECK(contains(view, "tdfusion: checkpoint '" + path + "': optimizers.adam."));
+  CHECK(contains(view, "has more elements than its storage holds"));
+
+  SmallRun rate;
+  static_cast<torch::optim::AdamOptions&>(rate.adam.param_groups()[0].options()).lr(std::nan(""));
+  io::save_checkpoint(path, rate.state());
+  CHECK(contains(error_message([&] { io::load_checkpoint(path, state); }),
+                 "tdfusion: checkpoint '" + path + "': optimizers.adam."));
+}
+
+TEST_CASE("checkpoint records that LibTorch would recurse into or run are refused before it reads them") {
+  ScratchDir dir("checkpoint-records");
+  const std::string path = dir.file("checkpoint.pt");
+  SmallRun saved;
+  io::save_checkpoint(path, saved.state());
+  std::vector<ZipRecord> records;
+  {
+    std::ifstream file(path, std::ios::binary);
+    io::ZipArchive archive(file, path);
+    for (const io::ZipEntry& entry : archive.entries())
+      records.push_back({entry.name, archive.read_string(entry, 1 << 20), true});
+  }
+  const auto index_of = [&](const std::string& suffix) {
+    for (size_t i = 0; i < records.size(); ++i)
+      if (records[i].name.size() >= suffix.size() &&
+          records[i].name.rfind(suffix) == records[i].name.size() - suffix.size())
+        return i;
+    FAIL("no record " << suffix);
+    return size_t{0};
+  };
+  const std::string crafted = dir.file("crafted.pt");
+  /// The error of loading the checkpoint with the records ending in `suffix` replaced, which must come within a second.
+  const auto load_with = [&](const std::string& suffix, const std::string& data) {
+    std::vector<ZipRecord> changed = records;
+    for (ZipRecord& r : changed)
+      if (r.name.size() >= suffix.size() && r.name.rfind(suffix) == r.name.size() - suffix.size()) r.data = data;
+    write_bytes(crafted, zip_archive(changed));
+    SmallRun run;
+    io::CheckpointState state = run.state();
+    const auto start = std::chrono::steady_clock::now();
+    const std::string message = error_message([&] { io::load_checkpoint(crafted, state); });
+    CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 1.0);
+    CHECK(plain_words(message));
+    return message;
+  };
+  const std::string pickle = records[index_of("/data.pkl")].data;
+  CHECK(load_with("/data.pkl", pickle).empty());  // the test's zip writer makes a checkpoint that loads
+  const std::string refused = "tdfusion: checkpoint '" + crafted + "': record " + records[index_of("/data.pkl")].name;
+
+  // 10^6 nested tuples: LibTorch's unpickler crashed on this 4 KB file (stack overflow).
+  CHECK(load_with("/data.pkl", "\x80\x02)" + std::string(1000000, '\x85') + ".") ==
+        refused + " nests deeper than 256 levels");
+  CHECK(load_with("/data.pkl", "\x80\x02]q\x00h\x00"s + "a.") ==
+        refused + " changes a value it already refers to twice (a cycle?)");
+  CHECK(load_with("/data.pkl", "\x80\x02(N\x86.") == refused + " is malformed (stack underflow)");
+  // A memo key of 2^31 would make LibTorch's unpickler allocate a 32 GB memo table.
+  CHECK(load_with("/data.pkl", "\x80\x02Nr"s + le_bytes(uint64_t{1} << 31, 4) + ".") ==
+        refused + " is malformed (memo key 2147483648 beyond its size)");
+  CHECK(load_with("/data.pkl", pickle.substr(0, pickle.size() / 2)) == refused + " is truncated");
+  CHECK(contains(load_with("/constants.pkl", "\x80\x02\xff."),
+                 "holds pickle opcode 0xff, which LibTorch's archives do not use"));
+  CHECK(contains(load_with("/data.pkl", "\x80\x02"s + "cos\nsystem\n."),
+                 "tdfusion: '" + crafted + "' is not a readable checkpoint: LibTorch cannot load its archive"));
+
+  // LibTorch's reader leaks its zip state when its constructor throws, as it does for a version it cannot read.
+  CHECK(contains(load_with("/version", "Z3\n"), "/version is not a format version"));
+  CHECK(contains(load_with("/version", "99\n"), "/version says format version 99, which this LibTorch does not read"));
+
+  // TorchScript source: a method would run while loading (this one would never return); deep types would recurse.
+  const std::string code = records[index_of("/code/__torch__.py")].data;
+  const std::string line = " line " + std::to_string(std::count(code.begin(), code.end(), '\n') + 1) +
+                           " is not a declaration (tdfusion checkpoints hold no code)";
+  const std::string refused_code =
+      "tdfusion: checkpoint '" + crafted + "': record " + records[index_of("/code/__torch__.py")].name;
+  CHECK(load_with("/code/__torch__.py", code + "  def __setstate__(self, state):\n    while True:\n      pass\n") ==
+        refused_code + line);
+  CHECK(load_with("/code/__torch__.py", code + "  x : " + std::string(100000, '[') + "int" +
+                                            std::string(100000, ']')) == refused_code + line);
 }
