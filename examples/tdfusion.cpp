@@ -224,13 +224,7 @@ std::pair<int64_t, int64_t> parse_size(const std::string& text) {
 }
 
 /// Writes `text` to `path` atomically.
-void write_text(const std::string& path, const std::string& text) {
-  io::write_file_atomically(path, [&](const std::string& temp) {
-    std::ofstream out(temp);
-    out << text;
-    TORCH_CHECK(out.good(), "tdfusion: writing ", temp, " failed");
-  });
-}
+void write_text(const std::string& path, const std::string& text) { io::write_text_atomically(path, text); }
 
 /// RUN/config.json: what `tdfusion eval --task-run RUN` needs to rebuild the task network.
 void write_run_config(const TrainArgs& args) {

@@ -1,8 +1,9 @@
 #pragma once
 // Image files in and out. Decoding goes through Debian's compiled stb (libstb: PNG, JPEG, BMP, TGA, GIF, PSD,
 // PNM; 8 and 16 bits per channel), so no stb implementation is compiled into the programs that include this.
-// stb_image_write has no 16-bit PNG encoder, and 16-bit output matters (thermal data, label maps), so 16-bit
-// PNG goes through libpng. Every error names the file and what is wrong with it.
+// PNG is written by libpng (8 and 16 bits, row by row: stb_image_write has no 16-bit encoder and needs the
+// whole image in 8 bits), JPEG and BMP by stb_image_write, all through the sink of write_file_atomically.
+// Every error names the file and what is wrong with it.
 
 #include "tdfusion/io/atomic_file.hpp"
 
@@ -18,8 +19,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <csetjmp>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -155,8 +158,8 @@ inline torch::Tensor normalise(const torch::Tensor& raw, int bit_depth, const Im
   return values;
 }
 
-// ---- 16-bit PNG through libpng. Its errors longjmp; the function holding setjmp keeps only plain C
-// ---- locals, so no C++ destructor is skipped.
+// ---- libpng reports errors by longjmp. The functions that call setjmp (png_call) own nothing with a
+// ---- destructor, and the libpng structures are released by RAII holders outside them.
 
 struct PngErrorMessage {
   char text[256] = "unknown libpng error";
@@ -170,50 +173,86 @@ inline void png_error_to_message(png_structp png, png_const_charp message) {
 
 inline void png_ignore_warning(png_structp, png_const_charp) {}
 
-/// Writes `samples` (H x W x channels, host byte order) as a 16-bit PNG; false with `error` filled on failure.
-inline bool write_png16_rows(std::FILE* file, const uint16_t* samples, int width, int height, int channels,
-                             PngErrorMessage* error) {
-  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, error, &png_error_to_message, &png_ignore_warning);
-  if (png == nullptr) return false;
-  png_infop info = png_create_info_struct(png);
-  if (info == nullptr) {
-    png_destroy_write_struct(&png, nullptr);
-    return false;
-  }
-  if (setjmp(png_jmpbuf(png))) {
-    png_destroy_write_struct(&png, &info);
-    return false;
-  }
-  png_init_io(png, file);
-  png_set_IHDR(png, info, static_cast<png_uint_32>(width), static_cast<png_uint_32>(height), 16,
-               channels == 1 ? PNG_COLOR_TYPE_GRAY : PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
-               PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
-  png_write_info(png, info);
-  const uint16_t probe = 1;
-  if (*reinterpret_cast<const unsigned char*>(&probe) == 1) png_set_swap(png);  // PNG stores big-endian
-  for (int row = 0; row < height; ++row) {
-    png_write_row(png, reinterpret_cast<png_const_bytep>(samples + static_cast<size_t>(row) * width * channels));
-  }
-  png_write_end(png, nullptr);
-  png_destroy_write_struct(&png, &info);
+/// Runs `step`, a sequence of libpng calls, under libpng's error handler; false when libpng reported an error
+/// (its text is in the PngErrorMessage). `step` must not own objects with destructors: a longjmp skips them.
+template <class Step>
+bool png_call(png_structp png, const Step& step) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  step();
   return true;
 }
 
-inline void write_png16(const std::string& temp_path, const std::vector<uint16_t>& samples, int width, int height,
-                        int channels) {
-  FileHandle file(std::fopen(temp_path.c_str(), "wb"));
-  if (!file) {
-    const int code = errno;
-    TORCH_CHECK(false, "cannot create '", temp_path, "': ", std::strerror(code));
+inline bool little_endian() {
+  const uint16_t probe = 1;
+  return *reinterpret_cast<const unsigned char*>(&probe) == 1;
+}
+
+// ---- Writing.
+
+inline void png_write_to_sink(png_structp png, png_bytep data, size_t length) {
+  if (static_cast<FileSink*>(png_get_io_ptr(png))->write(data, length) != length) png_error(png, "write failed");
+}
+
+inline void png_flush_nothing(png_structp) {}
+
+/// libpng's write structures.
+class PngWriter {
+ public:
+  PngWriter() {
+    png_ = png_create_write_struct(PNG_LIBPNG_VER_STRING, &error_, &png_error_to_message, &png_ignore_warning);
+    if (png_ != nullptr) info_ = png_create_info_struct(png_);
   }
-  PngErrorMessage error;
-  TORCH_CHECK(write_png16_rows(file.get(), samples.data(), width, height, channels, &error),
-              "libpng failed: ", error.text);
-  std::FILE* raw = file.release();
-  if (std::fclose(raw) != 0) {
-    const int code = errno;
-    TORCH_CHECK(false, "cannot finish '", temp_path, "': ", std::strerror(code));
+  PngWriter(const PngWriter&) = delete;
+  PngWriter& operator=(const PngWriter&) = delete;
+  ~PngWriter() { png_destroy_write_struct(&png_, &info_); }
+  bool ready() const { return info_ != nullptr; }
+  png_structp png() const { return png_; }
+  png_infop info() const { return info_; }
+  const char* error() const { return error_.text; }
+
+ private:
+  png_structp png_ = nullptr;
+  png_infop info_ = nullptr;
+  PngErrorMessage error_;
+};
+
+/// Writes a PNG row by row to `sink`; `rows(y0, count)` gives rows [y0, y0 + count) as count x W x C levels,
+/// uint8 (8-bit) or int32 (16-bit).
+inline void write_png(FileSink& sink, int64_t width, int64_t height, int64_t channels, int bit_depth,
+                      const std::function<torch::Tensor(int64_t, int64_t)>& rows) {
+  PngWriter writer;
+  TORCH_CHECK(writer.ready(), "not enough memory to start libpng");
+  png_structp png = writer.png();
+  png_infop info = writer.info();
+  bool ok = png_call(png, [&] {
+    png_set_write_fn(png, &sink, &png_write_to_sink, &png_flush_nothing);
+    png_set_IHDR(png, info, static_cast<png_uint_32>(width), static_cast<png_uint_32>(height), bit_depth,
+                 channels == 1 ? PNG_COLOR_TYPE_GRAY : PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
+                 PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    png_write_info(png, info);
+    if (bit_depth == 16 && little_endian()) png_set_swap(png);  // PNG stores big-endian
+  });
+  const int64_t samples = width * channels;
+  std::vector<uint16_t> wide(bit_depth == 16 ? static_cast<size_t>(samples) : 0);
+  const int64_t band = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(samples, 1));
+  for (int64_t y0 = 0; ok && y0 < height; y0 += band) {
+    const torch::Tensor levels = rows(y0, std::min(band, height - y0));
+    for (int64_t r = 0; ok && r < levels.size(0); ++r) {
+      const void* row = static_cast<const unsigned char*>(levels.data_ptr()) + r * samples * levels.element_size();
+      if (bit_depth == 16) {
+        const auto* values = static_cast<const int32_t*>(row);
+        std::copy(values, values + samples, wide.begin());
+        row = wide.data();
+      }
+      ok = png_call(png, [&] { png_write_row(png, static_cast<png_const_bytep>(row)); });
+    }
   }
+  ok = ok && png_call(png, [&] { png_write_end(png, nullptr); });
+  TORCH_CHECK(ok, "libpng failed: ", writer.error());
+}
+
+inline void write_to_sink(void* sink, void* data, int size) {
+  static_cast<FileSink*>(sink)->write(data, static_cast<size_t>(size));
 }
 
 }  // namespace detail
@@ -275,7 +314,9 @@ inline torch::Tensor read_label(const std::string& path, int64_t num_classes, in
 /// Writes a C x H x W (C = 1 or 3) or H x W float image with values in [0,1] (clamped, then rounded to the
 /// nearest level). The format follows the extension: .png (8 or 16 bits), .jpg / .jpeg (8 bits, quality 95),
 /// .bmp (8 bits; stored as 24-bit, so grey reads back as three equal channels). The file is replaced
-/// atomically: a failed write leaves the previous file, if any, untouched.
+/// atomically (see write_file_atomically): a failed write leaves the previous file, if any, untouched. PNG is
+/// converted and written in bands of rows, so it needs no full-size copy of the image; JPEG and BMP need one
+/// 8-bit copy.
 inline void write_image(const std::string& path, const torch::Tensor& image, int bit_depth = 8) {
   TORCH_CHECK(bit_depth == 8 || bit_depth == 16, "tdfusion: cannot write '", path, "': bit depth must be 8 or 16, got ",
               bit_depth);
@@ -290,32 +331,37 @@ inline void write_image(const std::string& path, const torch::Tensor& image, int
               image.sizes());
   TORCH_CHECK(image.is_floating_point(), "tdfusion: cannot write '", path,
               "': expected floating-point values in [0,1], got ", image.dtype());
-  const torch::Tensor chw = image.dim() == 2 ? image.unsqueeze(0) : image;
+  const torch::Tensor chw = (image.dim() == 2 ? image.unsqueeze(0) : image).detach().to(torch::kCPU);
   const int64_t channels = chw.size(0), height = chw.size(1), width = chw.size(2);
   TORCH_CHECK(height > 0 && width > 0 && height <= 65535 && width <= 65535, "tdfusion: cannot write '", path,
               "': unsupported image size ", height, " x ", width);
-  const torch::Tensor values = chw.detach().to(torch::kCPU, torch::kDouble);
-  TORCH_CHECK(torch::isfinite(values).all().item<bool>(), "tdfusion: cannot write '", path,
-              "': the image contains NaN or infinite values");
-  const double top = bit_depth == 16 ? 65535.0 : 255.0;
-  const torch::Tensor levels =
-      values.clamp(0.0, 1.0).mul_(top).round_().to(torch::kInt).permute({1, 2, 0}).contiguous();  // H x W x C
-  const int32_t* level = levels.data_ptr<int32_t>();
-  const size_t count = static_cast<size_t>(levels.numel());
-  const int w = static_cast<int>(width), h = static_cast<int>(height), c = static_cast<int>(channels);
-
-  if (bit_depth == 16) {
-    std::vector<uint16_t> samples(level, level + count);
-    write_file_atomically(path, [&](const std::string& temp) { detail::write_png16(temp, samples, w, h, c); });
-    return;
+  const int64_t band = std::max<int64_t>(1, (int64_t{1} << 20) / width);
+  for (int64_t y0 = 0; y0 < height; y0 += band) {
+    TORCH_CHECK(torch::isfinite(chw.narrow(1, y0, std::min(band, height - y0))).all().item<bool>(),
+                "tdfusion: cannot write '", path, "': the image contains NaN or infinite values");
   }
-  std::vector<uint8_t> samples(level, level + count);
-  write_file_atomically(path, [&](const std::string& temp) {
-    int ok = 0;
-    if (png) ok = stbi_write_png(temp.c_str(), w, h, c, samples.data(), w * c);
-    if (jpeg) ok = stbi_write_jpg(temp.c_str(), w, h, c, samples.data(), /*quality=*/95);
-    if (bmp) ok = stbi_write_bmp(temp.c_str(), w, h, c, samples.data());
-    TORCH_CHECK(ok != 0, "stb_image_write could not write '", temp, "'");
+  const double top = bit_depth == 16 ? 65535.0 : 255.0;
+  // Rows [y0, y0 + count) as count x W x C levels, rounded in double (a copy: the caller's image is untouched).
+  auto rows = [&](int64_t y0, int64_t count) {
+    return chw.narrow(1, y0, count)
+        .to(torch::kDouble, /*non_blocking=*/false, /*copy=*/true)
+        .clamp_(0.0, 1.0)
+        .mul_(top)
+        .round_()
+        .to(bit_depth == 16 ? torch::kInt : torch::kByte)
+        .permute({1, 2, 0})
+        .contiguous();
+  };
+  const int w = static_cast<int>(width), h = static_cast<int>(height), c = static_cast<int>(channels);
+  write_file_atomically(path, [&](FileSink& sink) {
+    if (png) {
+      detail::write_png(sink, width, height, channels, bit_depth, rows);
+    } else {
+      const torch::Tensor levels = rows(0, height);
+      const int ok = jpeg ? stbi_write_jpg_to_func(&detail::write_to_sink, &sink, w, h, c, levels.data_ptr(), 95)
+                          : stbi_write_bmp_to_func(&detail::write_to_sink, &sink, w, h, c, levels.data_ptr());
+      TORCH_CHECK(ok != 0, "stb_image_write failed");
+    }
   });
 }
 
