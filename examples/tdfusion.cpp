@@ -114,7 +114,7 @@ int run_fuse(const FuseArgs& args) {
   }
   for (size_t i = 0; i < jobs.size(); ++i) {
     const auto& [pair, out] = jobs[i];
-    const torch::Tensor ir = io::read_image(pair.ir), vi = io::read_image(pair.vi);
+    const torch::Tensor ir = io::read_image_compact(pair.ir), vi = io::read_image_compact(pair.vi);
     TORCH_CHECK(ir.size(1) == vi.size(1) && ir.size(2) == vi.size(2), "tdfusion: '", pair.ir, "' is ", ir.size(1), " x ",
                 ir.size(2), " (H x W) but its partner '", pair.vi, "' is ", vi.size(1), " x ", vi.size(2));
     const torch::Tensor fused = net.visit([&](auto& n) { return fusion::fuse_images(n, ir, vi, options); });

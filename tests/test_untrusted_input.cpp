@@ -1,8 +1,9 @@
-// Hostile files and output paths: atomic writes that cannot be redirected and image headers checked before
-// decoding. Every case makes its small input files itself and checks the message, the time taken and that
-// nothing else was written or harmed.
+// Hostile files and output paths: atomic writes that cannot be redirected, image headers checked before
+// decoding, and tiled fusion within a tile's memory. Every case makes its small input files itself and checks
+// the message, the time taken and that nothing else was written or harmed.
 #include <doctest/doctest.h>
 
+#include "tdfusion/fusion/fuse_images.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
 #include "tdfusion/io/atomic_file.hpp"
 #include "tdfusion/io/checkpoint.hpp"
@@ -533,5 +534,32 @@ TEST_CASE("a PNG whose data inflates far beyond its size is bounded by its heade
     MESSAGE("skipped: peak memory cannot be measured here (needs /proc/self/clear_refs, without AddressSanitizer)");
   } else {
     CHECK(growth < 32.0);
+  }
+}
+
+TEST_CASE("tiled fusion of 8-bit images keeps a tile's memory and the whole image's result") {
+  tdfusion::fusion::LightFusion net;
+  torch::manual_seed(5);
+  const torch::Tensor ir = torch::randint(0, 256, {1, 768, 768}, torch::kByte);
+  const torch::Tensor vi = torch::randint(0, 256, {3, 768, 768}, torch::kByte);
+  using tdfusion::fusion::FuseImagesOptions;
+  torch::Tensor tiled, whole;
+  const double tiled_growth =
+      memory_growth_mib([&] { tiled = tdfusion::fusion::fuse_images(net, ir, vi, FuseImagesOptions().tile(128)); });
+  const double whole_growth = memory_growth_mib([&] { whole = tdfusion::fusion::fuse_images(net, ir, vi); });
+  CHECK(tiled.sizes() == torch::IntArrayRef({3, 768, 768}));
+  CHECK((tiled - whole).abs().max().item<double>() < 1e-5);
+  // 8-bit sources give exactly what their [0,1] floats give.
+  const torch::Tensor from_floats = tdfusion::fusion::fuse_images(net, ir.to(torch::kFloat).div(255.0),
+                                                                  vi.to(torch::kFloat).div(255.0), FuseImagesOptions().tile(128));
+  CHECK(torch::equal(tiled, from_floats));
+  if (tiled_growth < 0) {
+    MESSAGE("skipped: peak memory cannot be measured here (needs /proc/self/clear_refs, without AddressSanitizer)");
+  } else {
+    // The result (3 x 768 x 768 floats, 6.75 MiB), the fused luminance, its stretch and a band of colour
+    // work; the untiled network holds 16-channel feature maps of the whole image.
+    MESSAGE("peak memory growth: tiled " << tiled_growth << " MiB, whole image " << whole_growth << " MiB");
+    CHECK(tiled_growth < 64.0);
+    CHECK(tiled_growth < whole_growth / 2);
   }
 }
