@@ -1,8 +1,9 @@
 // Hostile files and output paths: atomic writes that cannot be redirected, image headers checked before
-// decoding, and tiled fusion within a tile's memory. Every case makes its small input files itself and checks
-// the message, the time taken and that nothing else was written or harmed.
+// decoding, YOLO label files of any content, and tiled fusion within a tile's memory. Every case makes its
+// small input files itself and checks the message, the time taken and that nothing else was written or harmed.
 #include <doctest/doctest.h>
 
+#include "tdfusion/data/yolo_labels.hpp"
 #include "tdfusion/fusion/fuse_images.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
 #include "tdfusion/io/atomic_file.hpp"
@@ -34,6 +35,7 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace io = tdfusion::io;
+namespace data = tdfusion::data;
 
 /// A fresh directory under the system's temp directory, removed at scope exit.
 struct Scratch {
@@ -562,4 +564,85 @@ TEST_CASE("tiled fusion of 8-bit images keeps a tile's memory and the whole imag
     CHECK(tiled_growth < 64.0);
     CHECK(tiled_growth < whole_growth / 2);
   }
+}
+
+// ---------------------------------------------------------------------------------------------- YOLO labels
+
+TEST_CASE("YOLO label files: bounded sizes and clear messages for any content") {
+  Scratch dir("yolo");
+  auto labels = [&](const std::string& name, const std::string& text) {
+    write_bytes(dir.file(name), text);
+    return data::read_yolo_labels(dir.file(name), 3);
+  };
+  auto message_of = [&](const std::string& name, const std::string& text) {
+    write_bytes(dir.file(name), text);
+    std::string message;
+    const double took = seconds([&] { message = error_message([&] { data::read_yolo_labels(dir.file(name), 3); }); });
+    CHECK(took < 2.0);
+    return message;
+  };
+
+  // A byte-order mark, CRLF, tabs, a final line without newline, exponents and signs.
+  const torch::Tensor good = labels("good.txt", "\xef\xbb\xbf" "1e0 5e-1 +0.25 .5\t1.\r\n\r\n2 0.1 0.2 0.3 1E-1");
+  CHECK(torch::equal(good, torch::tensor({{1.f, 0.5f, 0.25f, 0.5f, 1.f}, {2.f, 0.1f, 0.2f, 0.3f, 0.1f}})));
+
+  // Four MiB of blank lines is an image without objects, read quickly.
+  double took = 0;
+  torch::Tensor blank;
+  took = seconds([&] { blank = labels("blank.txt", std::string(size_t{4} << 20, '\n')); });
+  CHECK(blank.sizes() == torch::IntArrayRef({0, 5}));
+  CHECK(took < 2.0);
+
+  const std::string path = dir.file("x.txt");
+  struct Bad {
+    std::string text;
+    std::string fragment;
+  };
+  const std::vector<Bad> bad = {
+      {"0 0.5 0.5 nan 0.1\n", ":1: w 'nan' is not a number"},
+      {"0 0.5 0.5 0.1 inf\n", ":1: h 'inf' is not a number"},
+      {"\n0 -infinity 0.5 0.1 0.1\n", ":2: cx '-infinity' is not a number"},
+      {"0 1e999 0.5 0.1 0.1\n", ":1: cx '1e999' is not a number (or out of range)"},
+      {"0 0.5 -1e999 0.1 0.1\n", ":1: cy '-1e999' is not a number"},
+      {"0 0x1p-2 0.5 0.1 0.1\n", ":1: cx '0x1p-2' is not a number"},
+      {"+-1 0.5 0.5 0.1 0.1\n", ":1: class '+-1' is not a number"},
+      {"0 0.5 0.5 0.1 1e\n", ":1: h '1e' is not a number"},
+      {"0 0.5 0.5 . 0.1\n", ":1: w '.' is not a number"},
+      {"1e1 0.5 0.5 0.1 0.1\n", ":1: class id 1e1 is not an integer in [0, 3)"},
+      {"0 0.5 5e-1x 0.1 0.1\n", ":1: cy '5e-1x' is not a number"},
+      {std::string("0 0.5\0 0.5 0.1 0.1\n", 19), ":1: cx '0.5\\x00' is not a number"},
+      {"0 0.5 0.5 0.1 0.1 \xff\n", ":1: expected 5 values (class cx cy w h), got 6"},
+      {"0 0.5 0.5\r0.1\r0.1\r\n", ""},  // carriage returns separate fields: a valid line
+  };
+  for (const Bad& b : bad) {
+    CAPTURE(b.text);
+    const std::string message = message_of("x.txt", b.text);
+    if (b.fragment.empty()) {
+      CHECK(message.empty());
+    } else {
+      CHECK(contains(message, "tdfusion: " + path + b.fragment));
+    }
+    CHECK(message.find('\0') == std::string::npos);
+  }
+
+  // A megabyte-long token is quoted in part.
+  const std::string long_message = message_of("long.txt", "0 0.5 0.5 0.1 " + std::string(1 << 20, '7') + "x\n");
+  CHECK(contains(long_message, ":1: h '7777777777777777777777777777777777777777...' is not a number"));
+  CHECK(long_message.size() < 300);
+
+  // Too many boxes, and too large a file.
+  std::string many;
+  for (int i = 0; i < 10001; ++i) many += "0 0.5 0.5 0.1 0.1\n";
+  CHECK(contains(message_of("many.txt", many), "tdfusion: " + dir.file("many.txt") + ":10001: more than 10000 boxes in one file"));
+  CHECK(contains(message_of("huge.txt", std::string((size_t{4} << 20) + 1, ' ')),
+                 "tdfusion: cannot read YOLO label file " + dir.file("huge.txt") + ": the file has 4194305 bytes, more than the 4194304"));
+
+  // Not a regular file: a directory and a named pipe (which must not wait for a writer).
+  CHECK(contains(error_message([&] { data::read_yolo_labels(dir.path.string(), 3); }), "it is a directory"));
+  const std::string pipe = dir.file("pipe.txt");
+  REQUIRE(::mkfifo(pipe.c_str(), 0600) == 0);
+  std::string pipe_message;
+  took = seconds([&] { pipe_message = error_message([&] { data::read_yolo_labels(pipe, 3); }); });
+  CHECK(contains(pipe_message, "cannot read YOLO label file " + pipe + ": it is not a regular file"));
+  CHECK(took < 1.0);
 }
