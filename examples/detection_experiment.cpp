@@ -24,7 +24,6 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
@@ -312,12 +311,8 @@ int main(int argc, char** argv) {
                                       {"holdout_every", c.holdout_every}, {"threads", torch::get_num_threads()}}},
                           {"minutes", minutes}, {"runs", nlohmann::json::array()}};
     for (const ArmResult& r : results) all["runs"].push_back(to_json(r));
-    io::write_file_atomically((fs::path(c.out) / "results.json").string(), [&](const std::string& temp) {
-      std::ofstream(temp) << all.dump(2) << '\n';
-    });
-    io::write_file_atomically((fs::path(c.out) / "results.md").string(), [&](const std::string& temp) {
-      std::ofstream(temp) << summary.str();
-    });
+    io::write_text_atomically((fs::path(c.out) / "results.json").string(), all.dump(2) + "\n");
+    io::write_text_atomically((fs::path(c.out) / "results.md").string(), summary.str());
     std::cout << "wrote " << (fs::path(c.out) / "results.md").string() << " and results.json\n";
     if (learned && fixed) {
       write_figure((fs::path(c.out) / "figure.png").string(), split, learned, fixed, lpn, c.figure_pairs);

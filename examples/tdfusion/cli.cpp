@@ -1,10 +1,7 @@
 // Helpers shared by the subcommands of `tdfusion`.
 #include "cli.hpp"
 
-#include <tdfusion/io/atomic_file.hpp>
-
 #include <cmath>
-#include <fstream>
 #include <sstream>
 
 // The built-in model: examples/models/default_fusion.pth, embedded at build time by cmake/embed_file.cmake
@@ -30,14 +27,6 @@ fusion::AnyFusion load_model(const std::string& weights) {
   std::istringstream bytes(
       std::string(reinterpret_cast<const char*>(tdfusion_default_model), tdfusion_default_model_size));
   return fusion::load_fusion(bytes, "the built-in model");
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  io::write_file_atomically(path, [&](const std::string& temp) {
-    std::ofstream out(temp);
-    out << text;
-    TORCH_CHECK(out.good(), "tdfusion: writing ", temp, " failed");
-  });
 }
 
 CLI::Validator device_validator() {

@@ -43,7 +43,4 @@ CLI::Validator device_validator();
 /// Accepts a finite learning rate in (0, 10].
 CLI::Validator learning_rate_validator();
 
-/// Writes `text` to `path` atomically.
-void write_text(const std::string& path, const std::string& text);
-
 }  // namespace tdfusion::cli

@@ -3,6 +3,7 @@
 // and a chart.
 #include "cli.hpp"
 
+#include <tdfusion/io/atomic_file.hpp>
 #include <tdfusion/io/checkpoint.hpp>
 #include <tdfusion/meta/run_folder.hpp>
 #include <tdfusion/metrics/bar_chart.hpp>
@@ -73,11 +74,11 @@ int run_eval(const EvalArgs& args, int threads) {
   for (const auto& table : tables) std::cout << metrics::format_table(table) << '\n';
   const std::string markdown = metrics::format_markdown_comparison(tables, 4, args.dataset);
   if (tables.size() > 1) std::cout << markdown << '\n';
-  if (!args.markdown.empty()) write_text(args.markdown, markdown);
+  if (!args.markdown.empty()) io::write_text_atomically(args.markdown, markdown);
   if (!args.json.empty()) {
     nlohmann::json all = nlohmann::json::array();
     for (const auto& table : tables) all.push_back(metrics::to_json(table));
-    write_text(args.json, (tables.size() == 1 ? all[0] : all).dump(2) + "\n");
+    io::write_text_atomically(args.json, (tables.size() == 1 ? all[0] : all).dump(2) + "\n");
   }
   if (!args.csv.empty()) {
     std::string csv;
@@ -86,7 +87,7 @@ int run_eval(const EvalArgs& args, int threads) {
       if (i > 0) part = part.substr(part.find('\n') + 1);  // one header line for all methods
       csv += part;
     }
-    write_text(args.csv, csv);
+    io::write_text_atomically(args.csv, csv);
   }
   if (!args.chart.empty()) metrics::write_comparison_chart(args.chart, tables);
   return 0;

@@ -55,7 +55,7 @@ int run_fuse(const FuseArgs& args) {
   check_outputs(jobs);
   // Every pair decodes and matches in size before anything is written.
   for (const auto& [pair, out] : jobs) {
-    const torch::Tensor ir = io::read_image(pair.ir), vi = io::read_image(pair.vi);
+    const torch::Tensor ir = io::read_image_compact(pair.ir), vi = io::read_image_compact(pair.vi);
     TORCH_CHECK(ir.size(1) == vi.size(1) && ir.size(2) == vi.size(2), "tdfusion: '", pair.ir, "' is ", ir.size(1),
                 " x ", ir.size(2), " (H x W) but its partner '", pair.vi, "' is ", vi.size(1), " x ", vi.size(2));
   }
@@ -69,7 +69,7 @@ int run_fuse(const FuseArgs& args) {
   if (jobs.size() > 1) fs::create_directories(args.out);
   for (size_t i = 0; i < jobs.size(); ++i) {
     const auto& [pair, out] = jobs[i];
-    const torch::Tensor ir = io::read_image(pair.ir), vi = io::read_image(pair.vi);
+    const torch::Tensor ir = io::read_image_compact(pair.ir), vi = io::read_image_compact(pair.vi);
     const torch::Tensor fused = net.visit([&](auto& n) { return fusion::fuse_images(n, ir, vi, options); });
     io::write_image(out, fused);
     std::cout << "[" << i + 1 << "/" << jobs.size() << "] " << out << " (" << fused.size(2) << "x" << fused.size(1)

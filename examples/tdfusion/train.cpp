@@ -7,6 +7,7 @@
 #include <tdfusion/data/synthetic_scenes.hpp>
 #include <tdfusion/distributed/launcher.hpp>
 #include <tdfusion/distributed/process_group.hpp>
+#include <tdfusion/io/atomic_file.hpp>
 #include <tdfusion/lossgen/fixed_weights.hpp>
 #include <tdfusion/lossgen/lpn.hpp>
 #include <tdfusion/meta/bilevel_optimizer.hpp>
@@ -80,7 +81,7 @@ int train(const TrainArgs& args, const Dataset& dataset, const std::optional<Dat
     return 0;
   }
   // Everything checked out (data, labels, a resumed checkpoint): now the run folder may change.
-  write_text((fs::path(args.out) / "config.json").string(), meta::to_json(run).dump(2) + "\n");
+  io::write_text_atomically((fs::path(args.out) / "config.json").string(), meta::to_json(run).dump(2) + "\n");
   trainer.fit(dataset, meta::ProgressBar(), meta::JsonLinesLog((fs::path(args.out) / "log.jsonl").string()));
   const std::string weights = (fs::path(args.out) / "fusion.pth").string();
   io::write_torch_state_dict(weights, io::released_layout(*trainer.fusion()));

@@ -5,13 +5,7 @@
 // Every input must load or be refused with one of tdfusion's sentences naming the file; a crash, a hang or
 // another exception is a finding.
 //
-// Build (Debian 12: clang 14 and libfuzzer-14-dev; from the repository root):
-//   clang++-14 -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION \
-//       -Iinclude -isystem /usr/include/torch/csrc/api/include tests/fuzz/fuzz_checkpoint.cpp \
-//       -o build/fuzz_checkpoint -ltorch -ltorch_cpu -lc10 -lz
-// Run (new inputs go to the first folder; the file the target writes lives in /dev/shm):
-//   mkdir -p build/fuzz-checkpoint && build/fuzz_checkpoint -max_total_time=1800 -timeout=10 -rss_limit_mb=1536 \
-//       -malloc_limit_mb=256 -max_len=16384 build/fuzz-checkpoint tests/fuzz/corpus/checkpoint
+// Run: FUZZ_FLAGS="-malloc_limit_mb=256 -max_len=16384" tests/fuzz/run --time 1800 fuzz_checkpoint
 //
 // The seed is a checkpoint written by io::save_checkpoint for exactly the state below (after one Adam step).
 #include "tdfusion/io/checkpoint.hpp"

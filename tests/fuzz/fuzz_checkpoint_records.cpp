@@ -2,13 +2,7 @@
 // parses them (io::detail::check_pickle, io::detail::check_declarations). Every input must be accepted or refused
 // with one of tdfusion's sentences naming the record; a crash, a hang or another exception is a finding.
 //
-// Build (Debian 12: clang 14 and libfuzzer-14-dev; from the repository root):
-//   clang++-14 -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -Iinclude \
-//       -isystem /usr/include/torch/csrc/api/include tests/fuzz/fuzz_checkpoint_records.cpp \
-//       -o build/fuzz_checkpoint_records -ltorch -ltorch_cpu -lc10 -lz
-// Run (new inputs go to the first folder):
-//   mkdir -p build/fuzz-checkpoint-records && build/fuzz_checkpoint_records -runs=2000000 -timeout=10 \
-//       -rss_limit_mb=1536 build/fuzz-checkpoint-records tests/fuzz/corpus/checkpoint_records
+// Run: tests/fuzz/run --time 1800 fuzz_checkpoint_records
 //
 // The seeds are the pickle and source records of a checkpoint written by io::save_checkpoint (a Linear(4, 3) and
 // a BatchNorm1d(3) in a Sequential, with their Adam state): data.pkl, constants.pkl, a .debug_pkl and two class

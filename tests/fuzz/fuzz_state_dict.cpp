@@ -6,13 +6,7 @@
 // (a crash, another exception, a message that is LibTorch's or the standard library's) aborts, and the
 // sanitizers and libFuzzer's limits catch leaks, hangs and oversized allocations.
 //
-// Build (Debian 12: clang 14 and libfuzzer-14-dev; from the repository root):
-//   clang++-14 -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION \
-//       -Iinclude -isystem /usr/include/torch/csrc/api/include -isystem /usr/include/eigen3 \
-//       tests/fuzz/fuzz_state_dict.cpp -o build/fuzz_state_dict -ltorch -ltorch_cpu -lc10 -lz
-// Run (new inputs go to the first folder; the seeds in tests/fuzz/corpus/state_dict stay as they are):
-//   mkdir -p build/fuzz-state-dict && build/fuzz_state_dict -runs=1000000 -timeout=10 -rss_limit_mb=1536 \
-//       -malloc_limit_mb=256 build/fuzz-state-dict tests/fuzz/corpus/state_dict
+// Run: FUZZ_FLAGS=-malloc_limit_mb=256 tests/fuzz/run --time 1800 fuzz_state_dict
 //
 // The seeds are state_dicts written by io::write_torch_state_dict (LightFusion of width 2: depth 0, and depth 1
 // in the released layout with its `.conv.weight` twins), the latter with its records deflated (re-zipped by

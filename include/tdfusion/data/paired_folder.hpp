@@ -99,13 +99,10 @@ inline std::string unmatched(const std::map<std::string, std::string>& from,
   return list.str();
 }
 
-/// Height and width from the file's header, without decoding it.
-inline std::pair<int64_t, int64_t> header_size(const std::string& path) {
-  io::detail::FileHandle file = io::detail::open_image(path);
-  int width = 0, height = 0, channels = 0;
-  TORCH_CHECK(stbi_info_from_file(file.get(), &width, &height, &channels) != 0, "tdfusion: cannot read image '", path,
-              "': not a readable image (", io::detail::stb_reason(), ")");
-  return {height, width};
+/// Height and width from the file's header, without decoding it (checked against the options' pixel limit).
+inline std::pair<int64_t, int64_t> header_size(const std::string& path, const io::ImageReadOptions& options = {}) {
+  const io::ImageInfo info = io::read_image_info(path, options);
+  return {info.height, info.width};
 }
 
 }  // namespace detail
@@ -201,8 +198,8 @@ class PairedFolderFor {
     }
     if (options_.check_files()) {
       for (const PairPaths& pair : pairs_) {
-        const auto ir_size = detail::header_size(pair.ir);
-        check_sizes(pair, ir_size, detail::header_size(pair.vi));
+        const auto ir_size = detail::header_size(pair.ir, options_.ir_read());
+        check_sizes(pair, ir_size, detail::header_size(pair.vi, options_.vi_read()));
         if (pair.label.empty()) continue;
         if constexpr (kIsDetection<Target>) {
           read_yolo_labels(pair.label, options_.num_classes());

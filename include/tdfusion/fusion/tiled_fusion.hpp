@@ -23,7 +23,9 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <functional>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace tdfusion::fusion {
@@ -137,25 +139,47 @@ struct TileResult {
 
 }  // namespace detail
 
-/// Fuses ir and vi (N x 1 x H x W) with `net` tile by tile; equals net->forward(ir, vi) up to float rounding
-/// when options.halo() >= the net's receptive radius. Works for any fusion policy built from tdfusion's blocks
-/// (its attention must go through nn::channel_attention at the input resolution, called directly from
-/// forward_with). Peak memory is one tile with its halo per concurrent tile (options.parallel_tiles), plus the
-/// output and a few (C/heads)^2 statistics. Costs about (attention calls / 2 + 1) forward passes, each over
-/// the tiles' halos too; an image within one tile takes the plain single forward pass. The statistics are
-/// summed in tile order, so the result does not depend on the thread count.
+/// The two inputs of a tiled fusion, made window by window so that they never exist whole in the network's
+/// type: `cut(y0, y1, x0, x1)` returns the N x 1 x (y1 - y0) x (x1 - x0) infrared and visible inputs of rows
+/// [y0, y1) and columns [x0, x1) of the N x 1 x `height` x `width` images. With parallel_tiles it is called
+/// from several threads at once.
+struct TileInputs {
+  int64_t height = 0, width = 0;
+  std::function<std::pair<torch::Tensor, torch::Tensor>(int64_t y0, int64_t y1, int64_t x0, int64_t x1)> cut;
+};
+
+/// Fuses the images whose inputs `inputs.cut` makes (N x 1 x H x W) with `net` tile by tile; equals
+/// net->forward(ir, vi) on the whole inputs up to float rounding when options.halo() >= the net's receptive
+/// radius. Works for any fusion policy built from tdfusion's blocks (its attention must go through
+/// nn::channel_attention at the input resolution, called directly from forward_with). Peak memory is one tile
+/// with its halo per concurrent tile (options.parallel_tiles), plus the output (N x C x H x W in the net's type),
+/// a few (C/heads)^2 statistics and what `cut` reads from (e.g. 8-bit images): the inputs never exist whole in
+/// the net's type. Costs about (attention calls / 2 + 1) forward passes, each over the tiles' halos too; an
+/// image within one tile takes the plain single forward pass. The statistics are summed in tile order, so the
+/// result does not depend on the thread count.
 template <class FusionHolder>
-torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch::Tensor& vi,
-                         TiledFusionOptions options = {}) {
+torch::Tensor fuse_tiled(FusionHolder& net, const TileInputs& inputs, TiledFusionOptions options = {}) {
   static_assert(traits::check_fusion_policy<FusionHolder>());
-  check_pair_shapes(ir, vi);
   TORCH_CHECK(options.tile() > 0 && options.halo() >= 0, "tdfusion: fuse_tiled needs tile > 0 and halo >= 0, got tile ",
               options.tile(), " and halo ", options.halo());
+  TORCH_CHECK(inputs.height > 0 && inputs.width > 0 && inputs.cut, "tdfusion: fuse_tiled needs inputs of a positive "
+              "size, got ", inputs.height, " x ", inputs.width);
   torch::NoGradGuard no_grad;
   const ParamView params(*net);
-  const int64_t height = ir.size(2), width = ir.size(3);
-  if (height <= options.tile() && width <= options.tile()) return net->forward_with(params, ir, vi);
+  const int64_t height = inputs.height, width = inputs.width;
+  auto cut = [&](int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+    auto [ir, vi] = inputs.cut(y0, y1, x0, x1);
+    check_pair_shapes(ir, vi);
+    TORCH_CHECK(ir.size(2) == y1 - y0 && ir.size(3) == x1 - x0, "tdfusion: fuse_tiled: the inputs of a ", y1 - y0,
+                " x ", x1 - x0, " window have shape ", ir.sizes());
+    return std::make_pair(ir, vi);
+  };
+  if (height <= options.tile() && width <= options.tile()) {
+    const auto [ir, vi] = cut(0, height, 0, width);
+    return net->forward_with(params, ir, vi);
+  }
 
+  const bool on_cpu = cut(0, 1, 0, 1).first.device().is_cpu();
   const std::vector<detail::Tile> tiles = detail::tiles_of(height, width, options.tile(), options.halo());
   const auto count = static_cast<int64_t>(tiles.size());
   std::vector<torch::Tensor> matrices;  // the final attention matrices found so far, in call order
@@ -174,12 +198,10 @@ torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch
         const detail::Tile& tile = tiles[static_cast<size_t>(t)];
         detail::TileResult& result = results[static_cast<size_t>(t)];
         hook.begin_tile(tile);
-        auto cut = [&](const torch::Tensor& image) {
-          return image.slice(2, tile.cy0, tile.cy1).slice(3, tile.cx0, tile.cx1);
-        };
+        const auto [ir, vi] = cut(tile.cy0, tile.cy1, tile.cx0, tile.cx1);
         torch::Tensor out;
         try {
-          out = net->forward_with(params, cut(ir), cut(vi));
+          out = net->forward_with(params, ir, vi);
         } catch (const detail::AttentionPassDone&) {
           result.sums = hook.sums();
           continue;
@@ -193,14 +215,14 @@ torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch
                     tile.cx1 - tile.cx0, " tile gave shape ", out.sizes());
         {
           const std::lock_guard<std::mutex> lock(allocation);
-          if (!fused.defined()) fused = torch::empty({ir.size(0), out.size(1), height, width}, out.options());
+          if (!fused.defined()) fused = torch::empty({out.size(0), out.size(1), height, width}, out.options());
         }
         fused.slice(2, tile.y0, tile.y1)
             .slice(3, tile.x0, tile.x1)
             .copy_(out.slice(2, tile.y0 - tile.cy0, tile.y1 - tile.cy0).slice(3, tile.x0 - tile.cx0, tile.x1 - tile.cx0));
       }
     };
-    if (options.parallel_tiles() && ir.device().is_cpu()) {
+    if (options.parallel_tiles() && on_cpu) {
       at::parallel_for(0, count, 1, run);
     } else {
       run(0, count);
@@ -216,6 +238,17 @@ torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch
     matrices.push_back(
         nn::attention_matrix(total.qk, total.q_squares.sqrt(), total.k_squares.sqrt(), total.temperature).to(total.dtype));
   }
+}
+
+/// As above, for inputs given whole (N x 1 x H x W); the tiles are views of them.
+template <class FusionHolder>
+torch::Tensor fuse_tiled(FusionHolder& net, const torch::Tensor& ir, const torch::Tensor& vi,
+                         TiledFusionOptions options = {}) {
+  check_pair_shapes(ir, vi);
+  const TileInputs inputs{ir.size(2), ir.size(3), [&](int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+                            return std::make_pair(ir.slice(2, y0, y1).slice(3, x0, x1), vi.slice(2, y0, y1).slice(3, x0, x1));
+                          }};
+  return fuse_tiled(net, inputs, options);
 }
 
 }  // namespace tdfusion::fusion

@@ -549,7 +549,7 @@ inline void save_checkpoint(const std::string& path, const CheckpointState& stat
   }
   for (const auto& counter : state.counters) detail::check_entry_name(counter.first, "counter", path);
 
-  write_file_atomically(path, [&](const std::string& temp_path) {
+  write_file_atomically(path, [&](FileSink& sink) {
     torch::serialize::OutputArchive root;
     root.write("format", c10::IValue(std::string(kCheckpointFormat)));
     root.write("version", c10::IValue(kCheckpointVersion));
@@ -580,7 +580,7 @@ inline void save_checkpoint(const std::string& path, const CheckpointState& stat
     }
     root.write("counters", counters);
 
-    root.save_to(temp_path);
+    root.save_to([&](const void* data, size_t size) { return sink.write(data, size); });
   });
 }
 

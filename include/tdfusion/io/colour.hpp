@@ -6,7 +6,10 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace tdfusion::io {
 
@@ -30,7 +33,26 @@ inline bool has_colour(const torch::Tensor& image) {
   return image.size(0) == 3 && !(torch::equal(image[0], image[1]) && torch::equal(image[1], image[2]));
 }
 
+/// Rows per band when a full-resolution result is computed band by band (about 256 K pixels each), so that
+/// the temporaries of the computation stay a few MiB whatever the image's size.
+inline int64_t band_rows(int64_t width) { return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(width, 1)); }
+
 }  // namespace detail
+
+/// An image's values in [0,1] as `type`: uint8 levels (io::read_image_compact) become level / 255, computed as
+/// io::read_image does; floating-point images are converted.
+inline torch::Tensor unit_values(const torch::Tensor& image, torch::ScalarType type = torch::kFloat) {
+  if (image.scalar_type() == torch::kByte) return image.to(torch::kFloat).div_(255.0).to(type);
+  TORCH_CHECK(image.is_floating_point(), "tdfusion: expected an image of floating-point values in [0,1] or of uint8 "
+              "levels, got ", image.dtype());
+  return image.to(type);
+}
+
+/// The BT.601 luma 0.299 R + 0.587 G + 0.114 B of an RGB image on [0,1] data, channels at dimension -3.
+inline torch::Tensor luma(const torch::Tensor& rgb) {
+  detail::check_channels(rgb, 3, "luma");
+  return 0.299 * rgb.select(-3, 0) + 0.587 * rgb.select(-3, 1) + 0.114 * rgb.select(-3, 2);
+}
 
 /// RGB -> YCbCr on [0,1] data, channels at dimension -3 (C x H x W or N x C x H x W):
 ///     Y  = 0.299 R + 0.587 G + 0.114 B
@@ -39,8 +61,8 @@ inline bool has_colour(const torch::Tensor& image) {
 /// (OpenCV's constants; the exact BT.601 factors are 0.5/0.886 and 0.5/0.701.)
 inline torch::Tensor rgb_to_ycbcr(const torch::Tensor& rgb) {
   detail::check_channels(rgb, 3, "rgb_to_ycbcr");
-  const torch::Tensor r = rgb.select(-3, 0), g = rgb.select(-3, 1), b = rgb.select(-3, 2);
-  const torch::Tensor y = 0.299 * r + 0.587 * g + 0.114 * b;
+  const torch::Tensor y = luma(rgb);
+  const torch::Tensor r = rgb.select(-3, 0), b = rgb.select(-3, 2);
   return torch::stack({y, 0.564 * (b - y) + kChromaMidpoint, 0.713 * (r - y) + kChromaMidpoint}, -3);
 }
 
@@ -74,26 +96,34 @@ inline torch::Tensor fuse_chroma(const torch::Tensor& c1, const torch::Tensor& c
   return (d1 * a1 + d2 * a2) / (a1 + a2 + eps) + midpoint;
 }
 
-/// The release's per-image min-max stretch of the fused Y: (y - min) / (max - min). A single image (any
-/// shape up to C x H x W) or each image of an N x C x H x W batch; a constant image becomes 0.
-inline torch::Tensor min_max_normalise(const torch::Tensor& y) {
+/// The release's per-image min-max stretch of the fused Y, in place: y <- (y - min) / (max - min). A single
+/// image (any shape up to C x H x W) or each image of an N x C x H x W batch; a constant image becomes 0.
+inline torch::Tensor& min_max_normalise_(torch::Tensor& y) {
   TORCH_CHECK(y.defined() && y.numel() > 0 && y.is_floating_point(),
               "tdfusion: min_max_normalise expects a non-empty floating-point tensor");
-  const torch::Tensor flat = y.dim() == 4 ? y.reshape({y.size(0), -1}) : y.reshape({1, -1});
-  const torch::Tensor low = std::get<0>(flat.min(1, /*keepdim=*/true));
-  const torch::Tensor range = std::get<0>(flat.max(1, /*keepdim=*/true)) - low;
-  const torch::Tensor stretched =
-      torch::where(range > 0, (flat - low) / range.clamp_min(1e-30), torch::zeros_like(flat));
-  return stretched.reshape(y.sizes());
+  std::vector<int64_t> dims;  // all but the batch dimension
+  for (int64_t d = y.dim() == 4 ? 1 : 0; d < y.dim(); ++d) dims.push_back(d);
+  const torch::Tensor low = y.amin(dims, /*keepdim=*/true);
+  const torch::Tensor range = y.amax(dims, /*keepdim=*/true) - low;
+  y.sub_(low).div_(range.clamp_min(1e-30)).masked_fill_(range.gt(0).logical_not(), 0.0);
+  return y;
+}
+
+/// As min_max_normalise_, into a new tensor.
+inline torch::Tensor min_max_normalise(const torch::Tensor& y) {
+  torch::Tensor stretched = y.clone();
+  return min_max_normalise_(stretched);
 }
 
 /// Rebuilds the output image from the fused luminance (1 x H x W or H x W, [0,1]) and the two sources
-/// (C x H x W, C = 1 or 3, [0,1], as `read_image` returns them; 3 equal channels count as grey):
+/// (C x H x W, C = 1 or 3, [0,1] floats as `read_image` returns them or uint8 levels as `read_image_compact`
+/// does; 3 equal channels count as grey):
 /// - neither source has colour: the fused Y, 1 x H x W;
 /// - one has colour: its Cb and Cr are copied, 3 x H x W RGB;
 /// - both have colour: their chroma is fused with `fuse_chroma`, 3 x H x W RGB.
-/// The output is clamped to [0,1] and has fused_y's dtype and device. Apply `min_max_normalise` to the
-/// network output first to reproduce the release.
+/// The output is clamped to [0,1] and has fused_y's dtype and device. It is computed in bands of rows, so the
+/// memory it takes beyond its result is a band's. Apply `min_max_normalise` to the network output first to
+/// reproduce the release.
 inline torch::Tensor restore_colour(const torch::Tensor& fused_y, const torch::Tensor& ir_image,
                                     const torch::Tensor& vi_image) {
   TORCH_CHECK(fused_y.defined() && fused_y.is_floating_point() &&
@@ -101,24 +131,32 @@ inline torch::Tensor restore_colour(const torch::Tensor& fused_y, const torch::T
               "tdfusion: restore_colour expects the fused luminance as 1 x H x W or H x W floats, got shape ",
               fused_y.defined() ? fused_y.sizes() : torch::IntArrayRef{});
   const torch::Tensor y = fused_y.dim() == 2 ? fused_y.unsqueeze(0) : fused_y;
+  const int64_t height = y.size(1), width = y.size(2);
   auto check_source = [&](const torch::Tensor& image, const char* what) {
     TORCH_CHECK(image.defined() && image.dim() == 3 && (image.size(0) == 1 || image.size(0) == 3) &&
-                    image.size(1) == y.size(1) && image.size(2) == y.size(2),
-                "tdfusion: restore_colour: the ", what, " image must be 1 or 3 x ", y.size(1), " x ", y.size(2),
+                    image.size(1) == height && image.size(2) == width,
+                "tdfusion: restore_colour: the ", what, " image must be 1 or 3 x ", height, " x ", width,
                 " (the fused image's size), got shape ", image.defined() ? image.sizes() : torch::IntArrayRef{});
-    return image.to(y.device(), y.scalar_type());
+    TORCH_CHECK(image.is_floating_point() || image.scalar_type() == torch::kByte, "tdfusion: restore_colour: the ",
+                what, " image must hold floating-point values or uint8 levels, got ", image.dtype());
   };
-  const torch::Tensor ir = check_source(ir_image, "infrared"), vi = check_source(vi_image, "visible");
-  const bool ir_colour = detail::has_colour(ir), vi_colour = detail::has_colour(vi);
+  check_source(ir_image, "infrared");
+  check_source(vi_image, "visible");
+  const bool ir_colour = detail::has_colour(ir_image), vi_colour = detail::has_colour(vi_image);
   if (!ir_colour && !vi_colour) return y.clamp(0.0, 1.0);
 
-  torch::Tensor chroma;
-  if (ir_colour && vi_colour) {
-    chroma = fuse_chroma(rgb_to_ycbcr(ir).narrow(0, 1, 2), rgb_to_ycbcr(vi).narrow(0, 1, 2));
-  } else {
-    chroma = rgb_to_ycbcr(ir_colour ? ir : vi).narrow(0, 1, 2);
+  torch::Tensor rgb = torch::empty({3, height, width}, y.options());
+  const int64_t band = detail::band_rows(width);
+  for (int64_t y0 = 0; y0 < height; y0 += band) {
+    const int64_t rows = std::min(band, height - y0);
+    auto chroma_of = [&](const torch::Tensor& image) {
+      return rgb_to_ycbcr(unit_values(image.narrow(1, y0, rows), y.scalar_type()).to(y.device())).narrow(0, 1, 2);
+    };
+    const torch::Tensor chroma = ir_colour && vi_colour ? fuse_chroma(chroma_of(ir_image), chroma_of(vi_image))
+                                                        : chroma_of(ir_colour ? ir_image : vi_image);
+    rgb.narrow(1, y0, rows).copy_(ycbcr_to_rgb(torch::cat({y.narrow(1, y0, rows), chroma}, 0)).clamp_(0.0, 1.0));
   }
-  return ycbcr_to_rgb(torch::cat({y, chroma}, 0)).clamp_(0.0, 1.0);
+  return rgb;
 }
 
 }  // namespace tdfusion::io

@@ -529,20 +529,15 @@ inline void write_torch_state_dict(const std::string& path, const ParamDict& sta
   pickle.raw('u');
   pickle.raw('.');
 
-  write_file_atomically(path, [&](const std::string& temp_path) {
-    std::ofstream file(temp_path, std::ios::binary);
-    caffe2::serialize::PyTorchStreamWriter writer([&file](const void* data, size_t size) {
-      file.write(static_cast<const char*>(data), static_cast<std::streamsize>(size));
-      return file ? size : size_t{0};
-    });
+  write_file_atomically(path, [&](FileSink& sink) {
+    caffe2::serialize::PyTorchStreamWriter writer(
+        [&sink](const void* data, size_t size) { return sink.write(data, size); });
     writer.writeRecord("data.pkl", pickle.bytes().data(), pickle.bytes().size());
     std::set<std::string> written;
     for (const auto& [key, data] : storages)
       if (written.insert(key).second)
         writer.writeRecord("data/" + key, data.data_ptr(), data.numel() * data.element_size());
     writer.writeEndOfFile();
-    file.close();
-    TORCH_CHECK(file.good(), "tdfusion: writing ", temp_path, " failed");
   });
 }
 
