@@ -4,6 +4,8 @@
 // use a run folder (an advisory lock), and a run is resumed only with the configuration it was trained with,
 // checked before anything is written. Needs nlohmann/json.
 
+#include "tdfusion/io/atomic_file.hpp"
+
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -116,7 +118,7 @@ inline std::string config_differences(const RunConfig& trained, const RunConfig&
 }
 
 /// A run folder held by this process: created if missing and locked until destruction (a second process on
-/// the same folder fails at once).
+/// the same folder fails at once); temporaries that a killed run left in it are removed.
 class RunFolder {
  public:
   explicit RunFolder(std::string dir) : dir_(std::move(dir)) {
@@ -131,6 +133,8 @@ class RunFolder {
       TORCH_CHECK(false, "tdfusion: the run folder ", dir_, " is in use by another tdfusion process (", lock,
                   " is locked)");
     }
+    // Under the lock no one else writes here: temporaries left by a killed run are stale.
+    io::remove_stale_temporaries(dir_);
   }
   RunFolder(const RunFolder&) = delete;
   RunFolder& operator=(const RunFolder&) = delete;
