@@ -14,6 +14,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,12 @@ struct Scratch {
     std::filesystem::create_directories(dir / name);
     return (dir / name).string();
   }
+  /// The names of what the folder holds.
+  std::set<std::string> entries() const {
+    std::set<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) names.insert(entry.path().filename().string());
+    return names;
+  }
 };
 
 /// The message of the exception `action` throws (LibTorch's without its backtrace), or "" when none.
@@ -60,6 +67,11 @@ inline std::string error_message(const std::function<void()>& action) {
 }
 
 inline bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+/// Writes `bytes` to `path`, replacing it.
+inline void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
 
 /// The whole content of a file ("" when it cannot be read).
 inline std::string file_bytes(const std::string& path) {

@@ -85,6 +85,19 @@ TEST_CASE("tdfusion fuse on the real example pairs writes images of the sources'
   CHECK(pairs == 4);
 }
 
+TEST_CASE("tdfusion fuse --model chooses between the two built-in networks, ReFusion by default") {
+  Scratch scratch("models");
+  const std::string pair =
+      " --ir " + quoted(kExampleData + "/ir/tno_05.png") + " --vi " + quoted(kExampleData + "/vi/tno_05.png");
+  REQUIRE(run_cli("fuse" + pair + " --out " + quoted(scratch / "default.png")).exit_code == 0);
+  REQUIRE(run_cli("fuse" + pair + " --out " + quoted(scratch / "refusion.png") + " --model refusion").exit_code == 0);
+  REQUIRE(run_cli("fuse" + pair + " --out " + quoted(scratch / "light.png") + " --model light").exit_code == 0);
+  CHECK(file_bytes(scratch / "default.png") == file_bytes(scratch / "refusion.png"));
+  const torch::Tensor refusion = tdfusion::io::read_image(scratch / "refusion.png");
+  const torch::Tensor light = tdfusion::io::read_image(scratch / "light.png");
+  CHECK((refusion - light).abs().max().item<double>() > 0.05);  // two different networks
+}
+
 TEST_CASE("tdfusion demo fuses a synthetic pair and the shipped example pairs") {
   Scratch scratch("demo");
   const Run run = run_cli("demo --out " + quoted(scratch / "demo"));
@@ -186,6 +199,8 @@ TEST_CASE("tdfusion usage errors exit with code 2 and a one-line message; --help
       {fuse + " --device meta", "expected cpu, cuda or cuda:N"},
       {fuse + " --tile 0", "--tile"},
       {fuse + " --tile 99999999999", "--tile"},
+      {fuse + " --model resnet", "--model: resnet not in {refusion,light}"},
+      {fuse + " --model light --weights " + quoted(scratch / "w.pth"), "--weights excludes --model"},
       {"train --meta-lr -1", "expected a learning rate in (0, 10]"},
       {"train --meta-lr nan", "expected a learning rate in (0, 10]"},
       {"train --fusion-lr nan", "expected a learning rate in (0, 10]"},

@@ -1,6 +1,8 @@
 // Synthetic scenes, the data set the trainer consumes, atomic files and checkpoints.
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/data/synthetic_scenes.hpp"
 #include "tdfusion/io/atomic_file.hpp"
 #include "tdfusion/io/checkpoint.hpp"
@@ -18,6 +20,7 @@
 namespace {
 
 namespace fs = std::filesystem;
+using namespace tdfusion::test;
 using tdfusion::data::make_synthetic_scene;
 using tdfusion::data::SyntheticScene;
 using tdfusion::data::SyntheticScenes;
@@ -45,45 +48,6 @@ std::vector<std::pair<int64_t, int64_t>> crop_offsets(const torch::Tensor& image
     }
   }
   return found;
-}
-
-/// A fresh directory under the system's temp directory, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name)
-      : path(fs::temp_directory_path() / ("tdfusion-test-" + name + "-" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path)) names.push_back(entry.path().filename().string());
-    return names;
-  }
-};
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path);
-  out << text;
-}
-
-std::string error_message(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const c10::Error& error) {
-    return error.what_without_backtrace();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "";
 }
 
 }  // namespace
@@ -296,13 +260,13 @@ TEST_CASE("SyntheticScenes flips everything together and resizes to the task siz
 }
 
 TEST_CASE("atomic writes leave either the old or the new file") {
-  TempDir dir("atomic");
-  const std::string path = (dir.path / "file.txt").string();
+  Scratch dir("atomic");
+  const std::string path = (dir.dir / "file.txt").string();
 
   tdfusion::io::write_text_atomically(path, "first");
-  CHECK(read_text(path) == "first");
+  CHECK(file_bytes(path) == "first");
   tdfusion::io::write_file_atomically(path, [](tdfusion::io::FileSink& sink) { sink.write("second"); });
-  CHECK(read_text(path) == "second");
+  CHECK(file_bytes(path) == "second");
 
   // A writer that fails half way: the old content survives and no temporary file is left behind.
   const std::string message = error_message([&] {
@@ -313,11 +277,11 @@ TEST_CASE("atomic writes leave either the old or the new file") {
   });
   CHECK(message.find(path) != std::string::npos);
   CHECK(message.find("disk on fire") != std::string::npos);
-  CHECK(read_text(path) == "second");
-  CHECK(dir.entries() == std::vector<std::string>{"file.txt"});
+  CHECK(file_bytes(path) == "second");
+  CHECK(dir.entries() == std::set<std::string>{"file.txt"});
 
   // No previous file: still nothing at the path after a failure.
-  const std::string fresh = (dir.path / "fresh.txt").string();
+  const std::string fresh = (dir.dir / "fresh.txt").string();
   CHECK_THROWS_AS(tdfusion::io::write_file_atomically(fresh,
                                                       [](tdfusion::io::FileSink& sink) {
                                                         sink.write("x");
@@ -325,21 +289,21 @@ TEST_CASE("atomic writes leave either the old or the new file") {
                                                       }),
                   c10::Error);
   CHECK_FALSE(fs::exists(fresh));
-  CHECK(dir.entries() == std::vector<std::string>{"file.txt"});
+  CHECK(dir.entries() == std::set<std::string>{"file.txt"});
 
   // A writer that writes nothing makes an empty file.
   tdfusion::io::write_file_atomically(fresh, [](tdfusion::io::FileSink&) {});
   CHECK(fs::file_size(fresh) == 0);
 
-  const std::string missing_dir = (dir.path / "no-such-dir" / "file.txt").string();
+  const std::string missing_dir = (dir.dir / "no-such-dir" / "file.txt").string();
   const std::string missing = error_message([&] { tdfusion::io::write_text_atomically(missing_dir, "x"); });
   CHECK(missing.find(missing_dir) != std::string::npos);
   CHECK(missing.find("No such file or directory") != std::string::npos);
 }
 
 TEST_CASE("checkpoints round-trip modules, buffers, Adam state and counters") {
-  TempDir dir("checkpoint");
-  const std::string path = (dir.path / "run.ckpt").string();
+  Scratch dir("checkpoint");
+  const std::string path = (dir.dir / "run.ckpt").string();
 
   auto make_models = [](uint64_t seed) {
     torch::manual_seed(seed);
@@ -365,7 +329,7 @@ TEST_CASE("checkpoints round-trip modules, buffers, Adam state and counters") {
   saved.optimizers = {{"adam", &adam}};
   saved.counters = {{"epoch", 3}, {"sample", 123456789012LL}};
   tdfusion::io::save_checkpoint(path, saved);
-  CHECK(dir.entries() == std::vector<std::string>{"run.ckpt"});
+  CHECK(dir.entries() == std::set<std::string>{"run.ckpt"});
 
   auto [linear2, norm2] = make_models(2);
   torch::optim::Adam adam2({linear2->parameters()[0], linear2->parameters()[1], norm2->parameters()[0],
@@ -417,8 +381,8 @@ TEST_CASE("checkpoints round-trip modules, buffers, Adam state and counters") {
 }
 
 TEST_CASE("checkpoint loading names the file and the bad entry") {
-  TempDir dir("checkpoint-errors");
-  const std::string path = (dir.path / "run.ckpt").string();
+  Scratch dir("checkpoint-errors");
+  const std::string path = (dir.dir / "run.ckpt").string();
   torch::nn::Linear linear(4, 3);
   tdfusion::io::CheckpointState saved;
   saved.modules = {{"fusion", linear.ptr()}};
@@ -433,17 +397,17 @@ TEST_CASE("checkpoint loading names the file and the bad entry") {
     CHECK(text.find(part) != std::string::npos);
   };
 
-  const std::string missing = (dir.path / "missing.ckpt").string();
+  const std::string missing = (dir.dir / "missing.ckpt").string();
   contains(load_message(missing, {}), missing);
   contains(load_message(missing, {}), "does not exist");
 
-  const std::string garbage = (dir.path / "garbage.ckpt").string();
-  write_text(garbage, "this is not a zip archive");
+  const std::string garbage = (dir.dir / "garbage.ckpt").string();
+  write_file(garbage, "this is not a zip archive");
   contains(load_message(garbage, {}), garbage);
   contains(load_message(garbage, {}), "not a readable checkpoint");
 
   // A valid torch archive that is not a checkpoint.
-  const std::string plain = (dir.path / "plain.pt").string();
+  const std::string plain = (dir.dir / "plain.pt").string();
   torch::save(linear, plain);
   contains(load_message(plain, {}), "not a tdfusion checkpoint");
 

@@ -1,6 +1,8 @@
 // Image files, colour restoration, the paired-folder data set, and model files (state_dicts, checkpoints).
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/data/paired_folder.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
 #include "tdfusion/io/checkpoint.hpp"
@@ -32,36 +34,7 @@ namespace io = tdfusion::io;
 namespace data = tdfusion::data;
 using tdfusion::data::PairedFolder;
 using tdfusion::data::PairedFolderOptions;
-
-/// A fresh directory under the system's temp directory, unique per process and test, removed at scope exit.
-struct ScratchDir {
-  fs::path path;
-  explicit ScratchDir(const std::string& name) {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("tdfusion-io-" + name + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~ScratchDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string error_message(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const c10::Error& error) {
-    return error.what_without_backtrace();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+using namespace tdfusion::test;
 
 /// C x H x W integer levels in [0, top], spread over the range, as float levels / top.
 torch::Tensor level_image(int64_t channels, int64_t height, int64_t width, int64_t top, int64_t salt = 0) {
@@ -88,52 +61,52 @@ void write_raw16(const std::string& path, const torch::Tensor& raw) {
 }  // namespace
 
 TEST_CASE("image files round-trip: PNG 8/16-bit and BMP exactly, JPEG within a tolerance") {
-  ScratchDir dir("roundtrip");
+  Scratch dir("roundtrip");
   const torch::Tensor grey = level_image(1, 13, 17, 255), rgb = level_image(3, 13, 17, 255, 5);
 
-  io::write_image(dir.file("grey.png"), grey);
-  const torch::Tensor grey_back = io::read_image(dir.file("grey.png"));
+  io::write_image((dir / "grey.png"), grey);
+  const torch::Tensor grey_back = io::read_image((dir / "grey.png"));
   CHECK(grey_back.sizes() == grey.sizes());
   CHECK(grey_back.dtype() == torch::kFloat);
   CHECK(torch::equal(grey_back, grey));
 
-  io::write_image(dir.file("rgb.PNG"), rgb);  // the extension's case does not matter
-  CHECK(torch::equal(io::read_image(dir.file("rgb.PNG")), rgb));
+  io::write_image((dir / "rgb.PNG"), rgb);  // the extension's case does not matter
+  CHECK(torch::equal(io::read_image((dir / "rgb.PNG")), rgb));
 
   // H x W is written as grey.
-  io::write_image(dir.file("plane.png"), grey[0]);
-  CHECK(torch::equal(io::read_image(dir.file("plane.png")), grey));
+  io::write_image((dir / "plane.png"), grey[0]);
+  CHECK(torch::equal(io::read_image((dir / "plane.png")), grey));
 
   const torch::Tensor grey16 = level_image(1, 9, 11, 65535, 3), rgb16 = level_image(3, 9, 11, 65535, 1);
-  io::write_image(dir.file("grey16.png"), grey16, 16);
-  io::write_image(dir.file("rgb16.png"), rgb16, 16);
-  CHECK(torch::equal(io::read_image(dir.file("grey16.png")), grey16));
-  CHECK(torch::equal(io::read_image(dir.file("rgb16.png")), rgb16));
+  io::write_image((dir / "grey16.png"), grey16, 16);
+  io::write_image((dir / "rgb16.png"), rgb16, 16);
+  CHECK(torch::equal(io::read_image((dir / "grey16.png")), grey16));
+  CHECK(torch::equal(io::read_image((dir / "rgb16.png")), rgb16));
 
-  io::write_image(dir.file("rgb.bmp"), rgb);
-  CHECK(torch::equal(io::read_image(dir.file("rgb.bmp")), rgb));
-  io::write_image(dir.file("grey.bmp"), grey);  // BMP stores grey as 24-bit: three equal channels
-  CHECK(io::read_image(dir.file("grey.bmp")).size(0) == 3);
-  CHECK(torch::equal(io::read_grey(dir.file("grey.bmp")), grey));
+  io::write_image((dir / "rgb.bmp"), rgb);
+  CHECK(torch::equal(io::read_image((dir / "rgb.bmp")), rgb));
+  io::write_image((dir / "grey.bmp"), grey);  // BMP stores grey as 24-bit: three equal channels
+  CHECK(io::read_image((dir / "grey.bmp")).size(0) == 3);
+  CHECK(torch::equal(io::read_grey((dir / "grey.bmp")), grey));
 
   // Out-of-range values are clamped, then rounded to the nearest level.
-  io::write_image(dir.file("clamped.png"), torch::tensor({-0.5, 0.2, 1.5, 0.5 / 255.0 + 1e-6}).view({1, 1, 4}));
-  CHECK(torch::equal(io::read_image(dir.file("clamped.png")),
+  io::write_image((dir / "clamped.png"), torch::tensor({-0.5, 0.2, 1.5, 0.5 / 255.0 + 1e-6}).view({1, 1, 4}));
+  CHECK(torch::equal(io::read_image((dir / "clamped.png")),
                      torch::tensor({0.0f, 51.0f / 255.0f, 1.0f, 1.0f / 255.0f}).view({1, 1, 4})));
 
   const torch::Tensor smooth = smooth_image(3, 40, 48);
-  io::write_image(dir.file("smooth.jpg"), smooth);
-  io::write_image(dir.file("smooth.jpeg"), smooth[0].unsqueeze(0));
-  const torch::Tensor jpeg = io::read_image(dir.file("smooth.jpg"));
+  io::write_image((dir / "smooth.jpg"), smooth);
+  io::write_image((dir / "smooth.jpeg"), smooth[0].unsqueeze(0));
+  const torch::Tensor jpeg = io::read_image((dir / "smooth.jpg"));
   CHECK(jpeg.sizes() == smooth.sizes());
   CHECK(max_abs(jpeg, smooth) < 0.05);
   CHECK((jpeg - smooth).abs().mean().item<double>() < 0.01);
-  CHECK(max_abs(io::read_grey(dir.file("smooth.jpeg")), smooth[0].unsqueeze(0)) < 0.05);
+  CHECK(max_abs(io::read_grey((dir / "smooth.jpeg")), smooth[0].unsqueeze(0)) < 0.05);
 }
 
 TEST_CASE("16-bit normalisation modes map known raw values") {
-  ScratchDir dir("normalise");
-  const std::string path = dir.file("thermal.png");
+  Scratch dir("normalise");
+  const std::string path = (dir / "thermal.png");
   write_raw16(path, torch::tensor({1000, 2000, 3000, 5000}).view({1, 1, 4}));
   auto read = [&](const io::ImageReadOptions& options) { return io::read_image(path, options).view({4}); };
   using io::Normalisation;
@@ -147,33 +120,33 @@ TEST_CASE("16-bit normalisation modes map known raw values") {
                        doctest::Contains("window_low < window_high"), c10::Error);
 
   // A constant 16-bit image under min_max is all zeros, not NaN.
-  write_raw16(dir.file("flat.png"), torch::full({1, 2, 2}, 777));
-  CHECK(torch::equal(io::read_image(dir.file("flat.png"), io::ImageReadOptions().normalisation(Normalisation::min_max)),
+  write_raw16((dir / "flat.png"), torch::full({1, 2, 2}, 777));
+  CHECK(torch::equal(io::read_image((dir / "flat.png"), io::ImageReadOptions().normalisation(Normalisation::min_max)),
                      torch::zeros({1, 2, 2})));
 
   // 8-bit files keep v / 255 unless asked otherwise.
-  io::write_image(dir.file("eight.png"), torch::tensor({51.0, 102.0, 204.0}).view({1, 1, 3}) / 255.0);
+  io::write_image((dir / "eight.png"), torch::tensor({51.0, 102.0, 204.0}).view({1, 1, 3}) / 255.0);
   const auto min_max = io::ImageReadOptions().normalisation(Normalisation::min_max);
-  CHECK(max_abs(io::read_image(dir.file("eight.png"), min_max).view({3}), torch::tensor({0.2, 0.4, 0.8})) < 1e-7);
-  CHECK(max_abs(io::read_image(dir.file("eight.png"), io::ImageReadOptions(min_max).normalise_8_bit(true)).view({3}),
+  CHECK(max_abs(io::read_image((dir / "eight.png"), min_max).view({3}), torch::tensor({0.2, 0.4, 0.8})) < 1e-7);
+  CHECK(max_abs(io::read_image((dir / "eight.png"), io::ImageReadOptions(min_max).normalise_8_bit(true)).view({3}),
                 torch::tensor({0.0, 1.0 / 3.0, 1.0})) < 1e-7);
 }
 
 TEST_CASE("read_grey: BT.601 luma for colour files, exact values for grey content") {
-  ScratchDir dir("grey");
+  Scratch dir("grey");
   const torch::Tensor rgb =
       torch::tensor({255.0, 0.0, 0.0, 51.0, 0.0, 255.0, 0.0, 102.0, 0.0, 0.0, 255.0, 153.0}).view({3, 1, 4}) / 255.0;
-  io::write_image(dir.file("rgb.png"), rgb);
+  io::write_image((dir / "rgb.png"), rgb);
   const torch::Tensor expected = torch::tensor({0.299, 0.587, 0.114, (0.299 * 51 + 0.587 * 102 + 0.114 * 153) / 255.0});
-  const torch::Tensor grey = io::read_grey(dir.file("rgb.png"));
+  const torch::Tensor grey = io::read_grey((dir / "rgb.png"));
   CHECK(grey.sizes() == torch::IntArrayRef({1, 1, 4}));
   CHECK(max_abs(grey.view({4}), expected) < 1e-6);
 
   // RGB files holding grey content (TNO) come back bit-exact.
   const torch::Tensor plane = level_image(1, 5, 6, 255);
-  io::write_image(dir.file("grey-as-rgb.png"), plane.expand({3, 5, 6}));
-  CHECK(io::read_image(dir.file("grey-as-rgb.png")).size(0) == 3);
-  CHECK(torch::equal(io::read_grey(dir.file("grey-as-rgb.png")), plane));
+  io::write_image((dir / "grey-as-rgb.png"), plane.expand({3, 5, 6}));
+  CHECK(io::read_image((dir / "grey-as-rgb.png")).size(0) == 3);
+  CHECK(torch::equal(io::read_grey((dir / "grey-as-rgb.png")), plane));
 }
 
 TEST_CASE("YCbCr conversion uses OpenCV's BT.601 constants and round-trips") {
@@ -263,65 +236,65 @@ TEST_CASE("min_max_normalise stretches each image to [0,1]") {
 }
 
 TEST_CASE("read_label reads class ids and names the file, value and pixel of a bad id") {
-  ScratchDir dir("label");
+  Scratch dir("label");
   torch::Tensor ids = torch::arange(20, torch::kLong).remainder(9).view({4, 5});
-  io::write_image(dir.file("ok.png"), ids.to(torch::kDouble).unsqueeze(0) / 255.0);
-  const torch::Tensor labels = io::read_label(dir.file("ok.png"), 9);
+  io::write_image((dir / "ok.png"), ids.to(torch::kDouble).unsqueeze(0) / 255.0);
+  const torch::Tensor labels = io::read_label((dir / "ok.png"), 9);
   CHECK(labels.dtype() == torch::kLong);
   CHECK(torch::equal(labels, ids));
 
   const torch::Tensor wide = torch::arange(0, 600, 30, torch::kLong).view({4, 5});
-  write_raw16(dir.file("sixteen.png"), wide.unsqueeze(0));
-  CHECK(torch::equal(io::read_label(dir.file("sixteen.png"), 600), wide));
+  write_raw16((dir / "sixteen.png"), wide.unsqueeze(0));
+  CHECK(torch::equal(io::read_label((dir / "sixteen.png"), 600), wide));
 
   torch::Tensor bad = ids.clone();
   bad[2][3] = 9;
-  io::write_image(dir.file("bad.png"), bad.to(torch::kDouble).unsqueeze(0) / 255.0);
-  const std::string message = error_message([&] { io::read_label(dir.file("bad.png"), 9); });
-  CHECK(contains(message, dir.file("bad.png")));
+  io::write_image((dir / "bad.png"), bad.to(torch::kDouble).unsqueeze(0) / 255.0);
+  const std::string message = error_message([&] { io::read_label((dir / "bad.png"), 9); });
+  CHECK(contains(message, (dir / "bad.png")));
   CHECK(contains(message, "class id 9"));
   CHECK(contains(message, "row 2, col 3"));
 
   torch::Tensor ignored = ids.clone();
   ignored[1][1] = 255;
-  io::write_image(dir.file("ignored.png"), ignored.to(torch::kDouble).unsqueeze(0) / 255.0);
-  CHECK(torch::equal(io::read_label(dir.file("ignored.png"), 9, 255), ignored));
-  CHECK(contains(error_message([&] { io::read_label(dir.file("ignored.png"), 9); }), "class id 255"));
+  io::write_image((dir / "ignored.png"), ignored.to(torch::kDouble).unsqueeze(0) / 255.0);
+  CHECK(torch::equal(io::read_label((dir / "ignored.png"), 9, 255), ignored));
+  CHECK(contains(error_message([&] { io::read_label((dir / "ignored.png"), 9); }), "class id 255"));
 
   // Three equal channels are accepted; colour-coded labels are not.
-  io::write_image(dir.file("rgb-equal.png"), ids.to(torch::kDouble).unsqueeze(0).expand({3, 4, 5}) / 255.0);
-  CHECK(torch::equal(io::read_label(dir.file("rgb-equal.png"), 9), ids));
+  io::write_image((dir / "rgb-equal.png"), ids.to(torch::kDouble).unsqueeze(0).expand({3, 4, 5}) / 255.0);
+  CHECK(torch::equal(io::read_label((dir / "rgb-equal.png"), 9), ids));
   torch::Tensor colour = ids.to(torch::kDouble).unsqueeze(0).repeat({3, 1, 1}) / 255.0;
   colour[1][0][4] = 0.5;
-  io::write_image(dir.file("colour.png"), colour);
-  const std::string colour_message = error_message([&] { io::read_label(dir.file("colour.png"), 9); });
-  CHECK(contains(colour_message, dir.file("colour.png")));
+  io::write_image((dir / "colour.png"), colour);
+  const std::string colour_message = error_message([&] { io::read_label((dir / "colour.png"), 9); });
+  CHECK(contains(colour_message, (dir / "colour.png")));
   CHECK(contains(colour_message, "row 0, col 4"));
 
-  io::write_image(dir.file("lossy.jpg"), ids.to(torch::kDouble).unsqueeze(0) / 255.0);
-  CHECK_THROWS_WITH_AS(io::read_label(dir.file("lossy.jpg"), 9), doctest::Contains("JPEG"), c10::Error);
+  io::write_image((dir / "lossy.jpg"), ids.to(torch::kDouble).unsqueeze(0) / 255.0);
+  CHECK_THROWS_WITH_AS(io::read_label((dir / "lossy.jpg"), 9), doctest::Contains("JPEG"), c10::Error);
 }
 
 TEST_CASE("image reading and writing errors name the file and the problem") {
-  ScratchDir dir("errors");
-  const std::string missing = dir.file("missing.png");
+  Scratch dir("errors");
+  const std::string missing = (dir / "missing.png");
   const std::string missing_message = error_message([&] { io::read_image(missing); });
   CHECK(contains(missing_message, missing));
   CHECK(contains(missing_message, "No such file or directory"));
 
-  const std::string text = dir.file("notes.png");
+  const std::string text = (dir / "notes.png");
   std::ofstream(text) << "this is not a PNG file, only text\n";
   const std::string text_message = error_message([&] { io::read_image(text); });
   CHECK(contains(text_message, text));
   CHECK(contains(text_message, "not a readable image"));
 
-  const std::string empty = dir.file("empty.png");
+  const std::string empty = (dir / "empty.png");
   std::ofstream{empty};
   CHECK(contains(error_message([&] { io::read_grey(empty); }), "'" + empty + "': the file is empty"));
 
   // A valid PNG cut in half: noise does not compress, so half the file is half the pixel data.
   torch::manual_seed(3);
-  const std::string truncated = dir.file("truncated.png");
+  const std::string truncated = (dir / "truncated.png");
   io::write_image(truncated, torch::rand({3, 64, 64}));
   CHECK_NOTHROW(io::read_image(truncated));
   fs::resize_file(truncated, fs::file_size(truncated) / 2);
@@ -330,25 +303,25 @@ TEST_CASE("image reading and writing errors name the file and the problem") {
   CHECK(contains(truncated_message, "corrupt or truncated"));
   MESSAGE("truncated PNG: " << truncated_message);
 
-  CHECK(contains(error_message([&] { io::read_image(dir.path.string()); }), "is a directory"));
+  CHECK(contains(error_message([&] { io::read_image(dir.dir.string()); }), "is a directory"));
 
   const torch::Tensor image = torch::rand({1, 4, 4});
-  const std::string tiff = dir.file("out.tif");
+  const std::string tiff = (dir / "out.tif");
   const std::string tiff_message = error_message([&] { io::write_image(tiff, image); });
   CHECK(contains(tiff_message, tiff));
   CHECK(contains(tiff_message, "unknown image format '.tif'"));
-  CHECK_THROWS_WITH_AS(io::write_image(dir.file("deep.jpg"), image, 16), doctest::Contains("16-bit output needs PNG"),
+  CHECK_THROWS_WITH_AS(io::write_image((dir / "deep.jpg"), image, 16), doctest::Contains("16-bit output needs PNG"),
                        c10::Error);
-  CHECK_THROWS_WITH_AS(io::write_image(dir.file("odd.png"), image, 12), doctest::Contains("8 or 16"), c10::Error);
-  CHECK_THROWS_WITH_AS(io::write_image(dir.file("rgba.png"), torch::rand({4, 4, 4})), doctest::Contains("C = 1 or 3"),
+  CHECK_THROWS_WITH_AS(io::write_image((dir / "odd.png"), image, 12), doctest::Contains("8 or 16"), c10::Error);
+  CHECK_THROWS_WITH_AS(io::write_image((dir / "rgba.png"), torch::rand({4, 4, 4})), doctest::Contains("C = 1 or 3"),
                        c10::Error);
-  CHECK_THROWS_WITH_AS(io::write_image(dir.file("nan.png"), torch::full({1, 2, 2}, NAN)), doctest::Contains("NaN"),
+  CHECK_THROWS_WITH_AS(io::write_image((dir / "nan.png"), torch::full({1, 2, 2}, NAN)), doctest::Contains("NaN"),
                        c10::Error);
-  CHECK_THROWS_WITH_AS(io::write_image(dir.file("ints.png"), torch::ones({1, 2, 2}, torch::kLong)),
+  CHECK_THROWS_WITH_AS(io::write_image((dir / "ints.png"), torch::ones({1, 2, 2}, torch::kLong)),
                        doctest::Contains("floating-point"), c10::Error);
-  const std::string nowhere = dir.file("no-such-dir/out.png");
+  const std::string nowhere = (dir / "no-such-dir/out.png");
   CHECK(contains(error_message([&] { io::write_image(nowhere, image); }), nowhere));
-  CHECK(contains(error_message([&] { io::write_image(dir.file("no-such-dir/out16.png"), image, 16); }), "out16.png"));
+  CHECK(contains(error_message([&] { io::write_image((dir / "no-such-dir/out16.png"), image, 16); }), "out16.png"));
 }
 
 namespace {
@@ -382,13 +355,13 @@ std::vector<std::pair<int64_t, int64_t>> window_offsets(const torch::Tensor& ima
 }  // namespace
 
 TEST_CASE("PairedFolder serves reproducible, aligned batches with labels following the flip") {
-  ScratchDir dir("folder");
-  make_pair_folder(dir.path, 3, 12, 16, /*labels=*/true);
-  PairedFolder folder(dir.path.string(), PairedFolderOptions().crop_size(8).num_classes(5));
+  Scratch dir("folder");
+  make_pair_folder(dir.dir, 3, 12, 16, /*labels=*/true);
+  PairedFolder folder(dir.dir.string(), PairedFolderOptions().crop_size(8).num_classes(5));
   REQUIRE(folder.size() == 3);
   CHECK(folder.pairs()[1].stem == "pair1");
-  CHECK(folder.pairs()[1].vi == (dir.path / "vi" / "pair1.bmp").string());
-  CHECK(folder.pairs()[1].label == (dir.path / "label" / "pair1.png").string());
+  CHECK(folder.pairs()[1].vi == (dir.dir / "vi" / "pair1.bmp").string());
+  CHECK(folder.pairs()[1].label == (dir.dir / "label" / "pair1.png").string());
 
   int flips = 0;
   for (uint64_t counter = 0; counter < 16; ++counter) {
@@ -418,13 +391,13 @@ TEST_CASE("PairedFolder serves reproducible, aligned batches with labels followi
   CHECK(flips > 0);
   CHECK(flips < 16);
 
-  PairedFolder unflipped(dir.path.string(), PairedFolderOptions().crop_size(100).num_classes(5).flip(false));
+  PairedFolder unflipped(dir.dir.string(), PairedFolderOptions().crop_size(100).num_classes(5).flip(false));
   const auto whole = unflipped.get(4);
   CHECK(whole.ir_crop.sizes() == torch::IntArrayRef({1, 1, 12, 16}));  // crop clamped to the image
   CHECK(torch::equal(whole.vi, io::read_grey(unflipped.pairs()[1].vi).unsqueeze(0)));
 
   // Resized to the task size: bilinear images, nearest labels (still valid class ids).
-  PairedFolder resized(dir.path.string(),
+  PairedFolder resized(dir.dir.string(),
                        PairedFolderOptions().task_height(6).task_width(10).crop_size(8).num_classes(5));
   const auto small = resized.get(0);
   small.check();
@@ -437,7 +410,7 @@ TEST_CASE("PairedFolder serves reproducible, aligned batches with labels followi
   CHECK(swapped.ir.size(0) == 2);
 
   // Labels out of range are reported when read.
-  CHECK_THROWS_WITH_AS(PairedFolder(dir.path.string(), PairedFolderOptions().num_classes(3)).get(0),
+  CHECK_THROWS_WITH_AS(PairedFolder(dir.dir.string(), PairedFolderOptions().num_classes(3)).get(0),
                        doctest::Contains("pair0.png"), c10::Error);
 }
 
@@ -448,9 +421,9 @@ TEST_CASE("a fixed hold-out split and subsets of a PairedFolder") {
   CHECK_THROWS_WITH_AS(data::every_nth_holdout(10, 1), doctest::Contains("every >= 2"), c10::Error);
   CHECK_THROWS_WITH_AS(data::every_nth_holdout(3, 4), doctest::Contains("leaves no pair held out"), c10::Error);
 
-  ScratchDir dir("subset");
-  make_pair_folder(dir.path, 4, 12, 16, /*labels=*/true);
-  const PairedFolder folder(dir.path.string(), PairedFolderOptions().crop_size(8).num_classes(5).flip(false));
+  Scratch dir("subset");
+  make_pair_folder(dir.dir, 4, 12, 16, /*labels=*/true);
+  const PairedFolder folder(dir.dir.string(), PairedFolderOptions().crop_size(8).num_classes(5).flip(false));
   const PairedFolder part = folder.subset({3, 1});
   REQUIRE(part.size() == 2);
   CHECK(part.pairs()[0].stem == "pair3");
@@ -462,12 +435,12 @@ TEST_CASE("a fixed hold-out split and subsets of a PairedFolder") {
 }
 
 TEST_CASE("PairedFolder validates the folder layout and names the offending files") {
-  ScratchDir dir("layout");
-  const std::string root = dir.path.string();
+  Scratch dir("layout");
+  const std::string root = dir.dir.string();
   CHECK_THROWS_WITH_AS(PairedFolder{root}, doctest::Contains("is missing"), c10::Error);
 
-  make_pair_folder(dir.path, 2, 8, 8, /*labels=*/false);
-  std::ofstream((dir.path / "ir" / "README.txt").string()) << "not an image\n";  // skipped
+  make_pair_folder(dir.dir, 2, 8, 8, /*labels=*/false);
+  std::ofstream((dir.dir / "ir" / "README.txt").string()) << "not an image\n";  // skipped
   PairedFolder unlabelled(root);
   CHECK(unlabelled.size() == 2);
   const auto batch = unlabelled.get(1);
@@ -476,23 +449,23 @@ TEST_CASE("PairedFolder validates the folder layout and names the offending file
                        doctest::Contains("labels are required"), c10::Error);
 
   // A file with no partner in the other folder.
-  io::write_image((dir.path / "ir" / "lonely.png").string(), torch::rand({1, 8, 8}));
+  io::write_image((dir.dir / "ir" / "lonely.png").string(), torch::rand({1, 8, 8}));
   const std::string partner = error_message([&] { PairedFolder{root}; });
   CHECK(contains(partner, "missing partner"));
   CHECK(contains(partner, "'lonely'"));
-  fs::remove(dir.path / "ir" / "lonely.png");
-  io::write_image((dir.path / "vi" / "stray.jpg").string(), torch::rand({3, 8, 8}));
+  fs::remove(dir.dir / "ir" / "lonely.png");
+  io::write_image((dir.dir / "vi" / "stray.jpg").string(), torch::rand({3, 8, 8}));
   CHECK_THROWS_WITH_AS(PairedFolder{root}, doctest::Contains("'stray'"), c10::Error);
-  fs::remove(dir.path / "vi" / "stray.jpg");
+  fs::remove(dir.dir / "vi" / "stray.jpg");
 
   // Two files with one stem in one folder are ambiguous.
-  io::write_image((dir.path / "ir" / "pair0.bmp").string(), torch::rand({1, 8, 8}));
+  io::write_image((dir.dir / "ir" / "pair0.bmp").string(), torch::rand({1, 8, 8}));
   CHECK_THROWS_WITH_AS(PairedFolder{root}, doctest::Contains("share the stem 'pair0'"), c10::Error);
-  fs::remove(dir.path / "ir" / "pair0.bmp");
+  fs::remove(dir.dir / "ir" / "pair0.bmp");
 
   // Images of a pair that differ in size: both files are named, up front or when read.
-  const std::string ir_path = (dir.path / "ir" / "pair1.png").string(),
-                    vi_path = (dir.path / "vi" / "pair1.bmp").string();
+  const std::string ir_path = (dir.dir / "ir" / "pair1.png").string(),
+                    vi_path = (dir.dir / "vi" / "pair1.bmp").string();
   io::write_image(vi_path, torch::rand({3, 8, 10}));
   for (const std::string& message : {error_message([&] { PairedFolder{root}; }), error_message([&] {
                                        PairedFolder(root, PairedFolderOptions().check_files(false)).get(1);
@@ -505,11 +478,11 @@ TEST_CASE("PairedFolder validates the folder layout and names the offending file
   io::write_image(vi_path, torch::rand({3, 8, 8}));
 
   // Labels: every pair needs one, and num_classes must be given.
-  fs::create_directories(dir.path / "label");
-  io::write_image((dir.path / "label" / "pair0.png").string(), torch::zeros({1, 8, 8}));
+  fs::create_directories(dir.dir / "label");
+  io::write_image((dir.dir / "label" / "pair0.png").string(), torch::zeros({1, 8, 8}));
   CHECK_THROWS_WITH_AS(PairedFolder(root, PairedFolderOptions().num_classes(2)), doctest::Contains("missing label"),
                        c10::Error);
-  io::write_image((dir.path / "label" / "pair1.png").string(), torch::zeros({1, 8, 8}));
+  io::write_image((dir.dir / "label" / "pair1.png").string(), torch::zeros({1, 8, 8}));
   CHECK_THROWS_WITH_AS(PairedFolder{root}, doctest::Contains("num_classes > 0"), c10::Error);
   CHECK(PairedFolder(root, PairedFolderOptions().num_classes(2)).size() == 2);
 
@@ -518,21 +491,19 @@ TEST_CASE("PairedFolder validates the folder layout and names the offending file
   CHECK_THROWS_WITH_AS(PairedFolder(root, PairedFolderOptions().num_classes(2).check_files(false)).get(1),
                        doctest::Contains(ir_path.c_str()), c10::Error);
 
-  fs::create_directories(dir.path / "empty" / "ir");
-  fs::create_directories(dir.path / "empty" / "vi");
-  CHECK_THROWS_WITH_AS(PairedFolder((dir.path / "empty").string()), doctest::Contains("contains no images"),
+  fs::create_directories(dir.dir / "empty" / "ir");
+  fs::create_directories(dir.dir / "empty" / "vi");
+  CHECK_THROWS_WITH_AS(PairedFolder((dir.dir / "empty").string()), doctest::Contains("contains no images"),
                        c10::Error);
   CHECK_THROWS_WITH_AS(PairedFolder(root, PairedFolderOptions().task_height(10)), doctest::Contains("task size"),
                        c10::Error);
 }
 
 TEST_CASE("PairedFolder on the real TNO and MSRS pairs") {
-  const fs::path data = fs::path(TDFUSION_SHARED_DIR) / "data";
-  if (!fs::is_directory(data / "tno")) {
-    MESSAGE("skipped: no TNO data at " << (data / "tno").string());
-    return;
-  }
-  PairedFolder tno((data / "tno").string());
+  const std::string tno_dir = shared_path("data/tno");
+  if (tno_dir.empty()) return;
+  const fs::path data = fs::path(tno_dir).parent_path();
+  PairedFolder tno(tno_dir);
   REQUIRE(tno.size() == 25);
   CHECK(tno.pairs().front().stem == "01");
   CHECK(tno.pairs().back().stem == "25");
@@ -694,13 +665,6 @@ bool plain_words(const std::string& message) {
   return true;
 }
 
-std::string file_bytes(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
-
 }  // namespace
 
 TEST_CASE("hand-made state_dicts load, stored or deflated, with views sharing their storage") {
@@ -837,11 +801,8 @@ TEST_CASE("a flipped bit in a state_dict is found by the records' CRC-32") {
   flipped[flipped.find("archive/data/0") + 14 + 5] ^= 0x01;  // in the first float after the local header's name
   CHECK(contains(refusal(flipped), "crafted.pth: record archive/data/0 is damaged (its CRC-32 does not match)"));
 
-  const std::string fixture = std::string(TDFUSION_SHARED_DIR) + "/fixtures/refusion-state-dict/refusion_state.pth";
-  if (!fs::exists(fixture)) {
-    MESSAGE("skipped: the fixture " << fixture << " is absent");
-    return;
-  }
+  const std::string fixture = shared_path("fixtures/refusion-state-dict/refusion_state.pth");
+  if (fixture.empty()) return;
   const std::string bytes = file_bytes(fixture);
   const auto original = read_state_dict_bytes(bytes);
   // data.pkl's bytes start after the first local header (30 bytes, its name and extra field).
@@ -900,8 +861,8 @@ struct SmallRun {
 }  // namespace
 
 TEST_CASE("a flipped bit in a checkpoint is found by the records' CRC-32") {
-  ScratchDir dir("checkpoint-bits");
-  const std::string path = dir.file("checkpoint.pt");
+  Scratch dir("checkpoint-bits");
+  const std::string path = (dir / "checkpoint.pt");
   SmallRun saved;
   io::save_checkpoint(path, saved.state());
   const std::string bytes = file_bytes(path);
@@ -913,8 +874,8 @@ TEST_CASE("a flipped bit in a checkpoint is found by the records' CRC-32") {
   const auto u16 = [&](size_t at) { return size_t(uint8_t(bytes[at])) | size_t(uint8_t(bytes[at + 1])) << 8; };
   std::string damaged = bytes;
   damaged[header + 30 + u16(header + 26) + u16(header + 28) + 4] ^= 0x04;  // in the weight's second float
-  const std::string flipped = dir.file("flipped.pt");
-  write_bytes(flipped, damaged);
+  const std::string flipped = (dir / "flipped.pt");
+  write_file(flipped, damaged);
   SmallRun loaded;
   io::CheckpointState state = loaded.state();
   const torch::Tensor before = loaded.net->weight.clone();
@@ -928,7 +889,7 @@ TEST_CASE("a flipped bit in a checkpoint is found by the records' CRC-32") {
   for (size_t at = 3; at < bytes.size(); at += bytes.size() / 40) {
     damaged = bytes;
     damaged[at] ^= static_cast<char>(1 << (at % 8));
-    write_bytes(flipped, damaged);
+    write_file(flipped, damaged);
     SmallRun run;
     io::CheckpointState s = run.state();
     try {
@@ -953,11 +914,11 @@ TEST_CASE("a flipped bit in a checkpoint is found by the records' CRC-32") {
   CHECK(refused >= 20);
 
   // Truncated, and a zip that is not a checkpoint.
-  write_bytes(flipped, bytes.substr(0, bytes.size() / 2));
+  write_file(flipped, bytes.substr(0, bytes.size() / 2));
   const std::string truncated = error_message([&] { io::load_checkpoint(flipped, state); });
   CHECK(contains(truncated, "tdfusion: checkpoint '" + flipped + "'"));
   CHECK(plain_words(truncated));
-  write_bytes(flipped, state_dict_file({{"w", {2}, {1}, 2}}));
+  write_file(flipped, state_dict_file({{"w", {2}, {1}, 2}}));
   CHECK(error_message([&] { io::load_checkpoint(flipped, state); }) ==
         "tdfusion: '" + flipped + "' is not a readable checkpoint (it has no version record)");
   // Records beyond the budget are refused before LibTorch allocates them.
@@ -967,9 +928,9 @@ TEST_CASE("a flipped bit in a checkpoint is found by the records' CRC-32") {
 }
 
 TEST_CASE("non-finite weights are refused, naming the file and the key") {
-  ScratchDir dir("non-finite");
+  Scratch dir("non-finite");
   tdfusion::fusion::LightFusion net(tdfusion::fusion::LightFusionOptions().width(2).depth(0));
-  const std::string weights = dir.file("nan.pth");
+  const std::string weights = (dir / "nan.pth");
   {
     torch::NoGradGuard no_grad;
     net->named_parameters()["conv0.bias"][1] = std::nan("");
@@ -979,7 +940,7 @@ TEST_CASE("non-finite weights are refused, naming the file and the key") {
   CHECK(error_message([&] { io::load_torch_state_dict(*target, weights); }) ==
         "tdfusion: " + weights + ": 'conv0.bias' contains NaN or infinite values");
 
-  const std::string path = dir.file("checkpoint.pt");
+  const std::string path = (dir / "checkpoint.pt");
   SmallRun poisoned;
   {
     torch::NoGradGuard no_grad;
@@ -1026,8 +987,8 @@ TEST_CASE("non-finite weights are refused, naming the file and the key") {
 }
 
 TEST_CASE("checkpoint records that LibTorch would recurse into or run are refused before it reads them") {
-  ScratchDir dir("checkpoint-records");
-  const std::string path = dir.file("checkpoint.pt");
+  Scratch dir("checkpoint-records");
+  const std::string path = (dir / "checkpoint.pt");
   SmallRun saved;
   io::save_checkpoint(path, saved.state());
   std::vector<ZipRecord> records;
@@ -1045,13 +1006,13 @@ TEST_CASE("checkpoint records that LibTorch would recurse into or run are refuse
     FAIL("no record " << suffix);
     return size_t{0};
   };
-  const std::string crafted = dir.file("crafted.pt");
+  const std::string crafted = (dir / "crafted.pt");
   /// The error of loading the checkpoint with the records ending in `suffix` replaced, which must come within a second.
   const auto load_with = [&](const std::string& suffix, const std::string& data) {
     std::vector<ZipRecord> changed = records;
     for (ZipRecord& r : changed)
       if (r.name.size() >= suffix.size() && r.name.rfind(suffix) == r.name.size() - suffix.size()) r.data = data;
-    write_bytes(crafted, zip_archive(changed));
+    write_file(crafted, zip_archive(changed));
     SmallRun run;
     io::CheckpointState state = run.state();
     const auto start = std::chrono::steady_clock::now();

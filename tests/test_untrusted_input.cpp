@@ -3,6 +3,8 @@
 // small input files itself and checks the message, the time taken and that nothing else was written or harmed.
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include "tdfusion/data/yolo_labels.hpp"
 #include "tdfusion/fusion/fuse_images.hpp"
 #include "tdfusion/fusion/light_fusion.hpp"
@@ -36,58 +38,13 @@ namespace {
 namespace fs = std::filesystem;
 namespace io = tdfusion::io;
 namespace data = tdfusion::data;
-
-/// A fresh directory under the system's temp directory, removed at scope exit.
-struct Scratch {
-  fs::path path;
-  explicit Scratch(const std::string& name) {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("tdfusion-untrusted-" + name + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::set<std::string> entries() const {
-    std::set<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path)) names.insert(entry.path().filename().string());
-    return names;
-  }
-};
-
-std::string error_message(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const c10::Error& error) {
-    return error.what_without_backtrace();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+using namespace tdfusion::test;
 
 /// Seconds `action` takes.
 double seconds(const std::function<void()>& action) {
   const auto start = std::chrono::steady_clock::now();
   action();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary) << bytes;
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
 }
 
 mode_t mode_of(const std::string& path) {
@@ -205,8 +162,8 @@ double memory_growth_mib(const std::function<void()>& action) {
 TEST_CASE("atomic writes do not follow links planted under the names of temporaries or the target") {
   Scratch dir("links");
   Scratch elsewhere("foreign");
-  const std::string secret = elsewhere.file("secret");
-  write_bytes(secret, "root's secret\n");
+  const std::string secret = (elsewhere / "secret");
+  write_file(secret, "root's secret\n");
   REQUIRE(::chmod(secret.c_str(), 0600) == 0);
 
   // Every name the earlier scheme (<out>.tmp-<pid>-<n>) would have used for the first writes of this
@@ -217,11 +174,11 @@ TEST_CASE("atomic writes do not follow links planted under the names of temporar
   for (const std::string& name : outputs) {
     for (int n = 0; n < 64; ++n) {
       const std::string link = name + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(n);
-      fs::create_symlink(secret, dir.path / link);
+      fs::create_symlink(secret, dir.dir / link);
       planted.insert(link);
     }
   }
-  fs::create_symlink(secret, dir.path / "linked.png");
+  fs::create_symlink(secret, dir.dir / "linked.png");
 
   const torch::Tensor image = torch::rand({3, 12, 10});
   tdfusion::fusion::LightFusion net;
@@ -231,49 +188,49 @@ TEST_CASE("atomic writes do not follow links planted under the names of temporar
   state.optimizers = {{"adam", &adam}};
   state.counters = {{"epoch", 3}};
   const double took = seconds([&] {
-    io::write_image(dir.file("fused.png"), image);
-    io::write_image(dir.file("fused16.png"), image, 16);
-    io::write_image(dir.file("fused.jpg"), image);
-    io::write_image(dir.file("fused.bmp"), image);
-    io::write_text_atomically(dir.file("report.json"), "{}\n");
-    io::write_text_atomically(dir.file("table.csv"), "a,b\n");
-    io::write_text_atomically(dir.file("table.md"), "| a |\n");
-    io::save_checkpoint(dir.file("run.ckpt"), state);
-    io::write_torch_state_dict(dir.file("fusion.pth"), net->named_parameters());
-    io::write_image(dir.file("linked.png"), image);  // replaces the link, not what it points to
+    io::write_image((dir / "fused.png"), image);
+    io::write_image((dir / "fused16.png"), image, 16);
+    io::write_image((dir / "fused.jpg"), image);
+    io::write_image((dir / "fused.bmp"), image);
+    io::write_text_atomically((dir / "report.json"), "{}\n");
+    io::write_text_atomically((dir / "table.csv"), "a,b\n");
+    io::write_text_atomically((dir / "table.md"), "| a |\n");
+    io::save_checkpoint((dir / "run.ckpt"), state);
+    io::write_torch_state_dict((dir / "fusion.pth"), net->named_parameters());
+    io::write_image((dir / "linked.png"), image);  // replaces the link, not what it points to
   });
   CHECK(took < 10.0);
 
-  CHECK(read_bytes(secret) == "root's secret\n");
+  CHECK(file_bytes(secret) == "root's secret\n");
   CHECK((mode_of(secret) & 07777) == 0600);
   const mode_t expected = 0666 & ~io::detail::current_umask();
   for (const std::string& name : outputs) {
     CAPTURE(name);
-    CHECK(S_ISREG(mode_of(dir.file(name))));
-    CHECK((mode_of(dir.file(name)) & 07777) == expected);
+    CHECK(S_ISREG(mode_of((dir / name))));
+    CHECK((mode_of((dir / name)) & 07777) == expected);
   }
-  for (const std::string& link : planted) CHECK(fs::read_symlink(dir.path / link) == secret);
+  for (const std::string& link : planted) CHECK(fs::read_symlink(dir.dir / link) == secret);
   std::set<std::string> expected_entries = planted;
   expected_entries.insert(outputs.begin(), outputs.end());
   CHECK(dir.entries() == expected_entries);  // no temporary left
 
   // The outputs are what was written.
-  CHECK(torch::equal(io::read_image(dir.file("linked.png")), io::read_image(dir.file("fused.png"))));
-  CHECK(read_bytes(dir.file("table.csv")) == "a,b\n");
+  CHECK(torch::equal(io::read_image((dir / "linked.png")), io::read_image((dir / "fused.png"))));
+  CHECK(file_bytes((dir / "table.csv")) == "a,b\n");
   tdfusion::fusion::LightFusion loaded;
-  io::load_torch_state_dict(*loaded, dir.file("fusion.pth"));
+  io::load_torch_state_dict(*loaded, (dir / "fusion.pth"));
   CHECK(torch::equal(loaded->named_parameters()["conv0.weight"], net->named_parameters()["conv0.weight"]));
 }
 
 TEST_CASE("atomic writes take the mode a new file gets from the umask, and unpredictable temporaries") {
   Scratch dir("umask");
   const mode_t saved = ::umask(027);
-  io::write_text_atomically(dir.file("private.txt"), "x");
+  io::write_text_atomically((dir / "private.txt"), "x");
   ::umask(077);
-  io::write_image(dir.file("private.png"), torch::zeros({1, 2, 2}));
+  io::write_image((dir / "private.png"), torch::zeros({1, 2, 2}));
   ::umask(saved);
-  CHECK((mode_of(dir.file("private.txt")) & 07777) == 0640);
-  CHECK((mode_of(dir.file("private.png")) & 07777) == 0600);
+  CHECK((mode_of((dir / "private.txt")) & 07777) == 0640);
+  CHECK((mode_of((dir / "private.png")) & 07777) == 0600);
   CHECK(io::detail::current_umask() == saved);
 
   std::set<std::string> names;
@@ -288,9 +245,9 @@ TEST_CASE("atomic writes take the mode a new file gets from the umask, and unpre
 
 TEST_CASE("a failing writer leaves nothing behind and the old file untouched") {
   Scratch dir("failing");
-  const std::string target = dir.file("result.png");
+  const std::string target = (dir / "result.png");
   io::write_image(target, torch::full({1, 4, 4}, 0.5));
-  const std::string before = read_bytes(target);
+  const std::string before = file_bytes(target);
 
   const std::string big(3 << 20, 'x');  // more than the sink's buffer: part of it reaches the temporary
   const std::string message = error_message([&] {
@@ -300,7 +257,7 @@ TEST_CASE("a failing writer leaves nothing behind and the old file untouched") {
     });
   });
   CHECK(contains(message, "failed to write '" + target + "' (previous content, if any, is unchanged): the encoder gave up"));
-  CHECK(read_bytes(target) == before);
+  CHECK(file_bytes(target) == before);
   CHECK(dir.entries() == std::set<std::string>{"result.png"});
 
   // A write that fails for want of space (here: the file size limit, with its signal ignored) names the
@@ -316,45 +273,45 @@ TEST_CASE("a failing writer leaves nothing behind and the old file untouched") {
   small.rlim_cur = 4096;
   const auto previous_handler = std::signal(SIGXFSZ, SIG_IGN);
   REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
-  const std::string full = error_message([&] { io::save_checkpoint(dir.file("run.ckpt"), state); });
+  const std::string full = error_message([&] { io::save_checkpoint((dir / "run.ckpt"), state); });
   const std::string full_image = error_message([&] { io::write_image(target, torch::rand({3, 64, 64})); });
   ::setrlimit(RLIMIT_FSIZE, &saved);
   std::signal(SIGXFSZ, previous_handler);
-  CHECK(full == "tdfusion: failed to write '" + dir.file("run.ckpt") +
+  CHECK(full == "tdfusion: failed to write '" + (dir / "run.ckpt") +
                     "' (previous content, if any, is unchanged): File too large");
   CHECK(contains(full_image, "(previous content, if any, is unchanged): File too large"));
-  CHECK(read_bytes(target) == before);
+  CHECK(file_bytes(target) == before);
   CHECK(dir.entries() == std::set<std::string>{"result.png"});
 
   // Image writes refused before any file is made: NaN values, a missing directory, a directory as the target.
   CHECK(contains(error_message([&] { io::write_image(target, torch::full({1, 4, 4}, NAN)); }), "NaN"));
-  CHECK(read_bytes(target) == before);
-  CHECK(contains(error_message([&] { io::write_image(dir.file("missing/out.png"), torch::zeros({1, 2, 2})); }),
-                 "directory '" + dir.file("missing") + "' is not accessible"));
-  CHECK(contains(error_message([&] { io::write_text_atomically(dir.path.string() + "/", "x"); }), "names a directory"));
+  CHECK(file_bytes(target) == before);
+  CHECK(contains(error_message([&] { io::write_image((dir / "missing/out.png"), torch::zeros({1, 2, 2})); }),
+                 "directory '" + (dir / "missing") + "' is not accessible"));
+  CHECK(contains(error_message([&] { io::write_text_atomically(dir.dir.string() + "/", "x"); }), "names a directory"));
   CHECK(dir.entries() == std::set<std::string>{"result.png"});
 }
 
 TEST_CASE("stale temporaries: only this user's regular files of the recognised names are removed") {
   Scratch dir("stale");
   Scratch elsewhere("stale-foreign");
-  const std::string secret = elsewhere.file("secret");
-  write_bytes(secret, "keep");
+  const std::string secret = (elsewhere / "secret");
+  write_file(secret, "keep");
   for (const char* name : {"a.png.tdfusion-tmp-0123456789abcdef", "a.png.tdfusion-tmp-fedcba9876543210",
                            "checkpoint.pt.tmp-4242-7", "b.txt.tdfusion-tmp-00000000000000aa", "a.png", "notes.tmp-x-1",
                            "c.png.tdfusion-tmp-0123", "d.png.tdfusion-tmp-0123456789abcdeg"}) {
-    write_bytes(dir.file(name), "partial");
+    write_file((dir / name), "partial");
   }
-  fs::create_symlink(secret, dir.path / "e.png.tdfusion-tmp-1111111111111111");
-  fs::create_directory(dir.path / "f.png.tdfusion-tmp-2222222222222222");
-  const bool foreign = ::chown(dir.file("b.txt.tdfusion-tmp-00000000000000aa").c_str(), 65534, 65534) == 0;
+  fs::create_symlink(secret, dir.dir / "e.png.tdfusion-tmp-1111111111111111");
+  fs::create_directory(dir.dir / "f.png.tdfusion-tmp-2222222222222222");
+  const bool foreign = ::chown((dir / "b.txt.tdfusion-tmp-00000000000000aa").c_str(), 65534, 65534) == 0;
 
-  const std::vector<std::string> of_a = io::remove_stale_temporaries_of(dir.file("a.png"));
+  const std::vector<std::string> of_a = io::remove_stale_temporaries_of((dir / "a.png"));
   CHECK(std::set<std::string>(of_a.begin(), of_a.end()) ==
-        std::set<std::string>{dir.file("a.png.tdfusion-tmp-0123456789abcdef"), dir.file("a.png.tdfusion-tmp-fedcba9876543210")});
-  const std::vector<std::string> rest = io::remove_stale_temporaries(dir.path.string());
-  std::set<std::string> expected_rest = {dir.file("checkpoint.pt.tmp-4242-7")};
-  if (!foreign) expected_rest.insert(dir.file("b.txt.tdfusion-tmp-00000000000000aa"));
+        std::set<std::string>{(dir / "a.png.tdfusion-tmp-0123456789abcdef"), (dir / "a.png.tdfusion-tmp-fedcba9876543210")});
+  const std::vector<std::string> rest = io::remove_stale_temporaries(dir.dir.string());
+  std::set<std::string> expected_rest = {(dir / "checkpoint.pt.tmp-4242-7")};
+  if (!foreign) expected_rest.insert((dir / "b.txt.tdfusion-tmp-00000000000000aa"));
   CHECK(std::set<std::string>(rest.begin(), rest.end()) == expected_rest);
   std::set<std::string> left = {"a.png", "notes.tmp-x-1", "c.png.tdfusion-tmp-0123", "d.png.tdfusion-tmp-0123456789abcdeg",
                                 "e.png.tdfusion-tmp-1111111111111111", "f.png.tdfusion-tmp-2222222222222222"};
@@ -364,8 +321,8 @@ TEST_CASE("stale temporaries: only this user's regular files of the recognised n
     MESSAGE("skipped: not root, so no file of another user could be made to check that it is kept");
   }
   CHECK(dir.entries() == left);
-  CHECK(read_bytes(secret) == "keep");
-  CHECK(contains(error_message([&] { io::remove_stale_temporaries(dir.file("nowhere")); }), dir.file("nowhere")));
+  CHECK(file_bytes(secret) == "keep");
+  CHECK(contains(error_message([&] { io::remove_stale_temporaries((dir / "nowhere")); }), (dir / "nowhere")));
 }
 
 // ------------------------------------------------------------------------------------------------- images
@@ -394,8 +351,8 @@ TEST_CASE("image headers are checked against the pixel limit before decoding") {
   };
   for (const Case& c : cases) {
     CAPTURE(c.name);
-    const std::string path = dir.file(c.name);
-    write_bytes(path, c.bytes);
+    const std::string path = (dir / c.name);
+    write_file(path, c.bytes);
     std::string message;
     const double took = seconds([&] { message = error_message([&] { io::read_image(path); }); });
     CHECK(contains(message, "tdfusion: cannot read image '" + path + "': it is too large"));
@@ -406,7 +363,7 @@ TEST_CASE("image headers are checked against the pixel limit before decoding") {
   }
 
   // The limit is an option; a small image passes the default.
-  const std::string small = dir.file("small.png");
+  const std::string small = (dir / "small.png");
   io::write_image(small, torch::rand({3, 100, 100}));
   CHECK(io::read_image(small).sizes() == torch::IntArrayRef({3, 100, 100}));
   CHECK(contains(error_message([&] { io::read_image(small, io::ImageReadOptions().max_pixels(9999)); }),
@@ -444,16 +401,16 @@ TEST_CASE("empty, truncated, invalid and non-regular image files are named with 
   };
   for (const Case& c : cases) {
     CAPTURE(c.name);
-    const std::string path = dir.file(c.name);
-    write_bytes(path, c.bytes);
+    const std::string path = (dir / c.name);
+    write_file(path, c.bytes);
     const std::string message = error_message([&] { io::read_image(path); });
     CHECK(contains(message, "'" + path + "'"));
     CHECK(contains(message, c.fragment));
   }
 
   // Not a regular file: a directory and a named pipe (which must not wait for a writer).
-  CHECK(contains(error_message([&] { io::read_image(dir.path.string()); }), "': it is a directory"));
-  const std::string pipe = dir.file("pipe.png");
+  CHECK(contains(error_message([&] { io::read_image(dir.dir.string()); }), "': it is a directory"));
+  const std::string pipe = (dir / "pipe.png");
   REQUIRE(::mkfifo(pipe.c_str(), 0600) == 0);
   std::string pipe_message;
   const double took = seconds([&] { pipe_message = error_message([&] { io::read_image(pipe); }); });
@@ -464,8 +421,8 @@ TEST_CASE("empty, truncated, invalid and non-regular image files are named with 
 TEST_CASE("PNG bit depths, palettes, alpha and interlacing decode exactly") {
   Scratch dir("png-kinds");
   auto read = [&](const std::string& name, const std::string& bytes) {
-    write_bytes(dir.file(name), bytes);
-    return io::read_image(dir.file(name));
+    write_file((dir / name), bytes);
+    return io::read_image((dir / name));
   };
   // 1, 2 and 4-bit grey scale to 0..255 as v * 255 / (2^bits - 1).
   const torch::Tensor one_bit = read("1bit.png", encode_png(8, 1, 1, PNG_COLOR_TYPE_GRAY, false, "\xa5"));
@@ -484,7 +441,7 @@ TEST_CASE("PNG bit depths, palettes, alpha and interlacing decode exactly") {
   const torch::Tensor rgba16 =
       read("rgba16.png", encode_png(1, 1, 16, PNG_COLOR_TYPE_RGB_ALPHA, false, std::string("\x12\x34\xab\xcd\xff\xff\x00\x01", 8)));
   CHECK(torch::equal(rgba16, torch::tensor({0x1234 / 65535.f, 0xabcd / 65535.f, 1.f}).view({3, 1, 1})));
-  CHECK(io::read_image_info(dir.file("rgba16.png")).bit_depth == 16);
+  CHECK(io::read_image_info((dir / "rgba16.png")).bit_depth == 16);
 
   // Adam7 interlacing gives the same pixels as the plain file, 8- and 16-bit.
   std::string grey8, grey16;
@@ -504,7 +461,7 @@ TEST_CASE("PNG bit depths, palettes, alpha and interlacing decode exactly") {
   CHECK(torch::equal(pgm, torch::tensor({0.f, 128.f, 255.f}).div(255.0).view({1, 1, 3})));
   const torch::Tensor pgm16 = read("grey16.pgm", std::string("P5 2 1 65535\n\x01\x02\xff\xfe", 17));
   CHECK(torch::equal(pgm16, torch::tensor({258 / 65535.f, 65534 / 65535.f}).view({1, 1, 2})));
-  const io::ImageInfo info = io::read_image_info(dir.file("grey16.pgm"));
+  const io::ImageInfo info = io::read_image_info((dir / "grey16.pgm"));
   CHECK(info.format == "PNM");
   CHECK(info.width == 2);
   CHECK(info.height == 1);
@@ -513,11 +470,11 @@ TEST_CASE("PNG bit depths, palettes, alpha and interlacing decode exactly") {
 
   // read_image_compact: uint8 levels for 8-bit files, the same floats as read_image otherwise.
   const torch::Tensor rgb = torch::rand({3, 6, 5});
-  io::write_image(dir.file("rgb.png"), rgb);
-  const torch::Tensor compact = io::read_image_compact(dir.file("rgb.png"));
+  io::write_image((dir / "rgb.png"), rgb);
+  const torch::Tensor compact = io::read_image_compact((dir / "rgb.png"));
   CHECK(compact.dtype() == torch::kByte);
-  CHECK(torch::equal(compact.to(torch::kFloat).div(255.0), io::read_image(dir.file("rgb.png"))));
-  CHECK(torch::equal(io::read_image_compact(dir.file("rgba16.png")), rgba16));
+  CHECK(torch::equal(compact.to(torch::kFloat).div(255.0), io::read_image((dir / "rgb.png"))));
+  CHECK(torch::equal(io::read_image_compact((dir / "rgba16.png")), rgba16));
 }
 
 TEST_CASE("a PNG whose data inflates far beyond its size is bounded by its header") {
@@ -525,8 +482,8 @@ TEST_CASE("a PNG whose data inflates far beyond its size is bounded by its heade
   // 4 x 4 grey pixels declared, 64 MiB of zeros deflated into about 64 KiB.
   const std::string bomb = png_file(4, 4, 8, 0, std::string(size_t{64} << 20, '\0'));
   CHECK(bomb.size() < (size_t{1} << 20));
-  const std::string path = dir.file("bomb.png");
-  write_bytes(path, bomb);
+  const std::string path = (dir / "bomb.png");
+  write_file(path, bomb);
   torch::Tensor image;
   double took = 0;
   const double growth = memory_growth_mib([&] { took = seconds([&] { image = io::read_image(path); }); });
@@ -571,13 +528,13 @@ TEST_CASE("tiled fusion of 8-bit images keeps a tile's memory and the whole imag
 TEST_CASE("YOLO label files: bounded sizes and clear messages for any content") {
   Scratch dir("yolo");
   auto labels = [&](const std::string& name, const std::string& text) {
-    write_bytes(dir.file(name), text);
-    return data::read_yolo_labels(dir.file(name), 3);
+    write_file((dir / name), text);
+    return data::read_yolo_labels((dir / name), 3);
   };
   auto message_of = [&](const std::string& name, const std::string& text) {
-    write_bytes(dir.file(name), text);
+    write_file((dir / name), text);
     std::string message;
-    const double took = seconds([&] { message = error_message([&] { data::read_yolo_labels(dir.file(name), 3); }); });
+    const double took = seconds([&] { message = error_message([&] { data::read_yolo_labels((dir / name), 3); }); });
     CHECK(took < 2.0);
     return message;
   };
@@ -593,7 +550,7 @@ TEST_CASE("YOLO label files: bounded sizes and clear messages for any content") 
   CHECK(blank.sizes() == torch::IntArrayRef({0, 5}));
   CHECK(took < 2.0);
 
-  const std::string path = dir.file("x.txt");
+  const std::string path = (dir / "x.txt");
   struct Bad {
     std::string text;
     std::string fragment;
@@ -633,13 +590,13 @@ TEST_CASE("YOLO label files: bounded sizes and clear messages for any content") 
   // Too many boxes, and too large a file.
   std::string many;
   for (int i = 0; i < 10001; ++i) many += "0 0.5 0.5 0.1 0.1\n";
-  CHECK(contains(message_of("many.txt", many), "tdfusion: " + dir.file("many.txt") + ":10001: more than 10000 boxes in one file"));
+  CHECK(contains(message_of("many.txt", many), "tdfusion: " + (dir / "many.txt") + ":10001: more than 10000 boxes in one file"));
   CHECK(contains(message_of("huge.txt", std::string((size_t{4} << 20) + 1, ' ')),
-                 "tdfusion: cannot read YOLO label file " + dir.file("huge.txt") + ": the file has 4194305 bytes, more than the 4194304"));
+                 "tdfusion: cannot read YOLO label file " + (dir / "huge.txt") + ": the file has 4194305 bytes, more than the 4194304"));
 
   // Not a regular file: a directory and a named pipe (which must not wait for a writer).
-  CHECK(contains(error_message([&] { data::read_yolo_labels(dir.path.string(), 3); }), "it is a directory"));
-  const std::string pipe = dir.file("pipe.txt");
+  CHECK(contains(error_message([&] { data::read_yolo_labels(dir.dir.string(), 3); }), "it is a directory"));
+  const std::string pipe = (dir / "pipe.txt");
   REQUIRE(::mkfifo(pipe.c_str(), 0600) == 0);
   std::string pipe_message;
   took = seconds([&] { pipe_message = error_message([&] { data::read_yolo_labels(pipe, 3); }); });

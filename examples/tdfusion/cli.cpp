@@ -4,10 +4,10 @@
 #include <cmath>
 #include <sstream>
 
-// The built-in model: examples/models/default_fusion.pth, embedded at build time by cmake/embed_file.cmake
-// (size 0 when the file was absent at build time).
-extern const unsigned char tdfusion_default_model[];
-extern const std::size_t tdfusion_default_model_size;
+// The built-in models: examples/models/NAME.pth, embedded at build time by cmake/embed_file.cmake (size 0 when
+// the file was absent at build time).
+extern const unsigned char tdfusion_model_refusion[], tdfusion_model_light[];
+extern const std::size_t tdfusion_model_refusion_size, tdfusion_model_light_size;
 
 namespace tdfusion::cli {
 
@@ -20,13 +20,44 @@ std::pair<int64_t, int64_t> parse_size(const std::string& text, const std::strin
   return {h, w};
 }
 
-fusion::AnyFusion load_model(const std::string& weights) {
+namespace {
+
+struct BuiltInModel {
+  std::string name;
+  const unsigned char* bytes;
+  std::size_t size;
+};
+
+const std::vector<BuiltInModel>& builtin_models() {
+  static const std::vector<BuiltInModel> models = {
+      {"refusion", tdfusion_model_refusion, tdfusion_model_refusion_size},
+      {"light", tdfusion_model_light, tdfusion_model_light_size}};
+  return models;
+}
+
+}  // namespace
+
+fusion::AnyFusion load_model(const std::string& weights, const std::string& model) {
   if (!weights.empty()) return fusion::load_fusion(weights);
-  TORCH_CHECK(tdfusion_default_model_size > 0, "tdfusion: this build has no built-in model "
-              "(examples/models/default_fusion.pth was absent); pass --weights FILE");
-  std::istringstream bytes(
-      std::string(reinterpret_cast<const char*>(tdfusion_default_model), tdfusion_default_model_size));
-  return fusion::load_fusion(bytes, "the built-in model");
+  for (const BuiltInModel& m : builtin_models()) {
+    if (m.name != model) continue;
+    TORCH_CHECK(m.size > 0, "tdfusion: this build has no built-in model '", model, "' (examples/models/", model,
+                ".pth was absent); pass --weights FILE");
+    std::istringstream bytes(std::string(reinterpret_cast<const char*>(m.bytes), m.size));
+    return fusion::load_fusion(bytes, "the built-in model '" + model + "'");
+  }
+  throw UsageError("--model " + model + ": not a built-in model");
+}
+
+void add_model_options(CLI::App* cmd, std::string& model, std::string& weights) {
+  std::vector<std::string> names;
+  for (const BuiltInModel& m : builtin_models()) names.push_back(m.name);
+  CLI::Option* weights_option =
+      cmd->add_option("--weights", weights, "fusion state_dict (.pth) to use instead of a built-in model");
+  cmd->add_option("--model", model, "built-in model: refusion (the paper's network) or light (faster)")
+      ->capture_default_str()
+      ->check(CLI::IsMember(names))
+      ->excludes(weights_option);
 }
 
 CLI::Validator device_validator() {

@@ -34,8 +34,12 @@ struct UsageError : std::runtime_error {
 /// "HxW" with positive sides; `option` names the option in the error.
 std::pair<int64_t, int64_t> parse_size(const std::string& text, const std::string& option);
 
-/// The built-in model (`weights` empty) or a state_dict file.
-fusion::AnyFusion load_model(const std::string& weights);
+/// The state_dict file `weights` or, when it is empty, the built-in model named `model`.
+fusion::AnyFusion load_model(const std::string& weights, const std::string& model);
+
+/// The options choosing the fusion model: --model NAME (a built-in one; default: `model`'s value) or
+/// --weights FILE.
+void add_model_options(CLI::App* cmd, std::string& model, std::string& weights);
 
 /// Accepts cpu, cuda and cuda:N (when CUDA is available).
 CLI::Validator device_validator();

@@ -30,12 +30,12 @@ std::string example_data_dir() {
 }
 
 struct DemoArgs {
-  std::string out = "tdfusion-demo", data, weights;
+  std::string out = "tdfusion-demo", data, weights, model = "refusion";
 };
 
 int run_demo(const DemoArgs& args) {
   fs::create_directories(args.out);
-  fusion::AnyFusion net = load_model(args.weights);
+  fusion::AnyFusion net = load_model(args.weights, args.model);
   auto fuse_and_write = [&](const std::string& name, const torch::Tensor& ir, const torch::Tensor& vi) {
     const torch::Tensor fused = net.visit([&](auto& n) { return fusion::fuse_images(n, ir, vi); });
     for (const auto& [suffix, image] : {std::pair<std::string, torch::Tensor>{"_ir", ir}, {"_vi", vi}, {"_fused", fused}})
@@ -83,7 +83,7 @@ Subcommand add_demo(CLI::App& app) {
                   "also fuse a folder of pairs (ir/, vi/), or two pairs of each data set in a folder of them "
                   "(e.g. ../shared/data)")
       ->check(CLI::ExistingDirectory);
-  cmd->add_option("--weights", args->weights, "fusion state_dict (default: the built-in model)");
+  add_model_options(cmd, args->model, args->weights);
   return {cmd, [args] { return run_demo(*args); }};
 }
 

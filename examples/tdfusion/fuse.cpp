@@ -18,7 +18,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct FuseArgs {
-  std::string ir, vi, out, weights, device = "cpu";
+  std::string ir, vi, out, weights, model = "refusion", device = "cpu";
   int64_t tile = 0;
   bool parallel_tiles = false;
   bool raw = false;
@@ -59,7 +59,7 @@ int run_fuse(const FuseArgs& args) {
     TORCH_CHECK(ir.size(1) == vi.size(1) && ir.size(2) == vi.size(2), "tdfusion: '", pair.ir, "' is ", ir.size(1),
                 " x ", ir.size(2), " (H x W) but its partner '", pair.vi, "' is ", vi.size(1), " x ", vi.size(2));
   }
-  fusion::AnyFusion net = load_model(args.weights);
+  fusion::AnyFusion net = load_model(args.weights, args.model);
   net.visit([&](auto& n) { n->to(device); return 0; });
   const auto options = fusion::FuseImagesOptions()
                            .tile(args.tile)
@@ -86,7 +86,7 @@ Subcommand add_fuse(CLI::App& app) {
   cmd->add_option("--ir", args->ir, "infrared image or folder")->required();
   cmd->add_option("--vi", args->vi, "visible image or folder")->required();
   cmd->add_option("--out", args->out, "output image (.png/.jpg/.bmp) or folder")->required();
-  cmd->add_option("--weights", args->weights, "fusion state_dict (.pth; default: the built-in model)");
+  add_model_options(cmd, args->model, args->weights);
   cmd->add_option("--tile", args->tile, "fuse in tiles of this side (exact; bounds the network's memory)")
       ->check(CLI::Range(int64_t{32}, int64_t{65536}).description("32 .. 65536"));
   cmd->add_flag("--parallel-tiles", args->parallel_tiles,

@@ -4,7 +4,7 @@
 //   tdfusion fuse --ir DIR/ir --vi DIR/vi --out OUT/              whole folders, matched by file stem
 //   tdfusion train --data DIR --out RUN/ [--task ...] [--resume]  bilevel training in a run folder
 //   tdfusion eval --ir DIR --vi DIR --fused DIR [--fused ...]     fusion (and task) metrics, one table per method
-//   tdfusion demo [--out DIR] [--data DIR]                        fuses the example pairs with the built-in model
+//   tdfusion demo [--out DIR] [--data DIR] [--model M]            fuses the example pairs with a built-in model
 #include "cli.hpp"
 
 #include <tdfusion/core/runtime.hpp>
