@@ -4,6 +4,7 @@
 #include "support.hpp"
 
 #include "tdfusion/data/synthetic_scenes.hpp"
+#include "tdfusion/data/yolo_labels.hpp"
 #include "tdfusion/io/atomic_file.hpp"
 #include "tdfusion/io/checkpoint.hpp"
 
@@ -449,5 +450,27 @@ TEST_CASE("checkpoint loading names the file and the bad entry") {
   tdfusion::io::CheckpointState bad_name;
   bad_name.counters = {{"a.b", 1}};
   CHECK_THROWS_WITH_AS(tdfusion::io::save_checkpoint(path, bad_name), doctest::Contains("invalid counter name"),
+                       c10::Error);
+}
+
+TEST_CASE("box_mask fills boxes by pixel centres, smaller boxes on top of larger ones") {
+  using tdfusion::data::box_mask;
+  // 4 x 6 pixels. Class 2 spans x 1.2 .. 3.7 and y 0 .. 2 (centres 1.5, 2.5, 3.5 and 0.5, 1.5); class 0 the
+  // whole image, listed after it but larger, so painted first; class 1 runs off the left edge (x -1.5 .. 1.5).
+  const torch::Tensor boxes = torch::tensor({{2.0, 2.45 / 6, 0.25, 2.5 / 6, 0.5},
+                                             {0.0, 0.5, 0.5, 1.0, 1.0},
+                                             {1.0, 0.0, 0.875, 0.5, 0.25}});
+  const torch::Tensor expected = torch::tensor({{1, 3, 3, 3, 1, 1},  //
+                                                {1, 3, 3, 3, 1, 1},
+                                                {1, 1, 1, 1, 1, 1},
+                                                {2, 1, 1, 1, 1, 1}}, torch::kLong);
+  CHECK(same(box_mask(boxes, 4, 6), expected));
+  // Equal areas: the later box wins. No boxes: all background.
+  CHECK(same(box_mask(torch::tensor({{0.0, 0.5, 0.5, 1.0, 1.0}, {2.0, 0.5, 0.5, 1.0, 1.0}}), 2, 3),
+             torch::full({2, 3}, 3, torch::kLong)));
+  CHECK(same(box_mask(torch::zeros({0, 5}), 2, 3), torch::zeros({2, 3}, torch::kLong)));
+  CHECK_THROWS_WITH_AS(box_mask(torch::zeros({2, 4}), 2, 3), doctest::Contains("box_mask needs K x 5 boxes"),
+                       c10::Error);
+  CHECK_THROWS_WITH_AS(box_mask(torch::zeros({0, 5}), 0, 3), doctest::Contains("box_mask needs a positive size"),
                        c10::Error);
 }

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include <unistd.h>
@@ -459,4 +460,30 @@ TEST_CASE("validation of a detection task reports COCO-style AP of the detector'
   REQUIRE(expected.map50 > 0.0);  // some boxes are found, so the comparison is not between two zeros
   CHECK(report.task.summary.at("AP50") == doctest::Approx(expected.map50).epsilon(1e-12));
   CHECK(report.task.summary.at("AP50:95") == doctest::Approx(expected.map50_95).epsilon(1e-12));
+}
+
+TEST_CASE("an LPN with a zero-initialised last convolution starts at the fixed loss and the meta step moves it") {
+  torch::manual_seed(12);
+  const SegBatch train = tiny_batch(16, 5, torch::kFloat), test = tiny_batch(16, 6, torch::kFloat);
+  CHECK_FALSE(torch::equal(lossgen::Lpn()->forward(train.ir, train.vi), torch::full({1, 2, 16, 16}, 0.5)));
+  lossgen::Lpn lpn(lossgen::LpnOptions().zero_init_output(true));
+  CHECK(torch::equal(lpn->forward(train.ir, train.vi), torch::full({1, 2, 16, 16}, 0.5)));
+
+  std::map<std::string, torch::Tensor> initial;
+  for (const auto& p : lpn->named_parameters()) initial[p.key()] = p.value().detach().clone();
+  LightTrainer trainer(fusion::LightFusion(), lpn, task::SmallSegNet(task::SmallSegNetOptions().num_classes(3)),
+                       meta::BilevelOptions().meta_lr(1e-2));
+  const meta::MetaStepReport report = trainer.meta_step(train, test);
+  CHECK(report.hypergradient_max > 0.0);
+  // The first step reaches the last convolution only (everything before it sees zero weights after it), and
+  // moves its largest entry by exactly meta_lr.
+  for (const auto& p : lpn->named_parameters()) {
+    const double change = (p.value() - initial.at(p.key())).abs().max().item<double>();
+    if (p.key() == "project_out_1.weight") {
+      CHECK(change == doctest::Approx(1e-2).epsilon(1e-5));
+    } else {
+      CHECK_MESSAGE(change == 0.0, p.key());
+    }
+  }
+  CHECK((lpn->forward(train.ir, train.vi) - 0.5).abs().max().item<double>() > 0.0);
 }

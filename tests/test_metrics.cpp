@@ -6,6 +6,7 @@
 
 #include "tdfusion/io/image.hpp"
 #include "tdfusion/metrics/bar_chart.hpp"
+#include "tdfusion/metrics/confidence_interval.hpp"
 #include "tdfusion/metrics/evaluate_folders.hpp"
 #include "tdfusion/metrics/fusion_metrics.hpp"
 #include "tdfusion/metrics/report.hpp"
@@ -498,4 +499,32 @@ TEST_CASE("metrics: COCO-style AP against a hand-worked precision-recall curve")
   CHECK(boxes[0].score == 0.25f);
   CHECK(contains(error_message([&] { evaluator.add_image({m::Box{0, 0, 1, 1, 5}}, {}); }), "class 5"));
   CHECK(contains(error_message([&] { evaluator.add_image({}, {m::Box{3, 0, 1, 1, 0}}); }), "x2 < x1"));
+}
+
+
+TEST_CASE("metrics: Student-t quantiles and the t-interval of a mean") {
+  using tdfusion::metrics::student_t_quantile;
+  const double pi = std::acos(-1.0);
+  // Closed forms: 1 degree of freedom (Cauchy) tan(pi (p - 1/2)); 2 degrees (2p - 1) sqrt(2 / (4 p (1 - p))).
+  CHECK(student_t_quantile(0.975, 1) == doctest::Approx(std::tan(pi * 0.475)).epsilon(1e-8));
+  CHECK(student_t_quantile(0.995, 1) == doctest::Approx(std::tan(pi * 0.495)).epsilon(1e-8));
+  CHECK(student_t_quantile(0.975, 2) == doctest::Approx(0.95 * std::sqrt(2.0 / (4 * 0.975 * 0.025))).epsilon(1e-8));
+  CHECK(student_t_quantile(0.975, 4) == doctest::Approx(2.7764451052).epsilon(1e-8));  // printed tables
+  CHECK(student_t_quantile(0.975, 30) == doctest::Approx(2.0422724563).epsilon(1e-8));
+  CHECK(student_t_quantile(0.025, 4) == doctest::Approx(-2.7764451052).epsilon(1e-8));
+  CHECK_THROWS_WITH_AS(student_t_quantile(1.0, 4), doctest::Contains("needs p in (0, 1)"), c10::Error);
+  CHECK_THROWS_WITH_AS(student_t_quantile(0.9, 0), doctest::Contains("positive degrees of freedom"), c10::Error);
+
+  // {1, 2, 3}: mean 2, s = 1, half-width t(0.975, 2) / sqrt(3).
+  const auto m = tdfusion::metrics::mean_interval({1.0, 2.0, 3.0});
+  const double half = 0.95 * std::sqrt(2.0 / (4 * 0.975 * 0.025)) / std::sqrt(3.0);
+  CHECK(m.count == 3);
+  CHECK(m.mean == 2.0);
+  CHECK(m.low == doctest::Approx(2.0 - half).epsilon(1e-8));
+  CHECK(m.high == doctest::Approx(2.0 + half).epsilon(1e-8));
+  const auto one = tdfusion::metrics::mean_interval({0.25});
+  CHECK(one.mean == 0.25);
+  CHECK(std::isnan(one.low));
+  CHECK(std::isnan(one.high));
+  CHECK(tdfusion::metrics::mean_interval({}).count == 0);
 }

@@ -41,6 +41,7 @@
 #include "tdfusion/meta/update_policies/max_normalized_sgd.hpp"
 #include "tdfusion/meta/update_policies/sgd_fast_weights.hpp"
 #include "tdfusion/metrics/bar_chart.hpp"
+#include "tdfusion/metrics/confidence_interval.hpp"
 #include "tdfusion/metrics/evaluate_folders.hpp"
 #include "tdfusion/metrics/evaluate_task.hpp"
 #include "tdfusion/metrics/fusion_metrics.hpp"

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -151,6 +152,36 @@ inline torch::Tensor parse_yolo_labels(std::string_view text, const std::string&
 /// refused without reading it.
 inline torch::Tensor read_yolo_labels(const std::string& path, int64_t num_classes) {
   return parse_yolo_labels(detail::read_label_file(path), path, num_classes);
+}
+
+/// A segmentation map drawn from boxes (K x 5: class, cx, cy, w, h normalised, as read_yolo_labels gives
+/// them), for data sets that have boxes but no masks: H x W int64, class + 1 on the pixels whose centre lies
+/// inside a box, 0 (background) elsewhere. Where boxes overlap, the smaller box wins, as it is usually the
+/// object in front: boxes are painted largest first (equal areas in their given order).
+inline torch::Tensor box_mask(const torch::Tensor& boxes, int64_t height, int64_t width) {
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 5, "tdfusion: box_mask needs K x 5 boxes (class, cx, cy, w, h), got ",
+              boxes.sizes());
+  TORCH_CHECK(height > 0 && width > 0, "tdfusion: box_mask needs a positive size, got ", height, " x ", width);
+  const torch::Tensor b = boxes.to(torch::kCPU, torch::kDouble).contiguous();
+  const auto count = static_cast<size_t>(b.size(0));
+  const double* rows = b.data_ptr<double>();
+  std::vector<size_t> order(count);
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t i, size_t j) { return rows[5 * i + 3] * rows[5 * i + 4] > rows[5 * j + 3] * rows[5 * j + 4]; });
+  // Pixel k covers [k, k + 1); its centre k + 0.5 lies in [lo, hi) for k in [ceil(lo - 0.5), ceil(hi - 0.5)).
+  auto first_pixel = [](double edge, int64_t size) {
+    return std::clamp(static_cast<int64_t>(std::ceil(edge - 0.5)), int64_t{0}, size);
+  };
+  torch::Tensor mask = torch::zeros({height, width}, torch::kLong);
+  for (const size_t i : order) {
+    const double* r = rows + 5 * i;
+    const double w = static_cast<double>(width), h = static_cast<double>(height);
+    const int64_t x0 = first_pixel((r[1] - r[3] / 2) * w, width), x1 = first_pixel((r[1] + r[3] / 2) * w, width);
+    const int64_t y0 = first_pixel((r[2] - r[4] / 2) * h, height), y1 = first_pixel((r[2] + r[4] / 2) * h, height);
+    if (x1 > x0 && y1 > y0) mask.slice(0, y0, y1).slice(1, x0, x1).fill_(static_cast<int64_t>(r[0]) + 1);
+  }
+  return mask;
 }
 
 }  // namespace tdfusion::data

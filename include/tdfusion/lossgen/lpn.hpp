@@ -13,6 +13,9 @@ struct LpnOptions {
   TORCH_ARG(double, ffn_expansion) = 2.0;
   TORCH_ARG(int64_t, encoder_depth) = 2;
   TORCH_ARG(int64_t, decoder_depth) = 2;
+  /// Zero the last convolution's weights, so that G starts at exactly 0.5 / 0.5 everywhere (the fixed loss)
+  /// and the meta step moves it from there. The release initialises that convolution like any other.
+  TORCH_ARG(bool, zero_init_output) = false;
 };
 
 class LpnImpl : public torch::nn::Module {
@@ -28,6 +31,10 @@ class LpnImpl : public torch::nn::Module {
     project_out_0_ = register_module("project_out_0", nn::conv3x3(2 * d, d));
     prelu_ = register_parameter("prelu", torch::full({1}, 0.25));
     project_out_1_ = register_module("project_out_1", nn::conv3x3(d, 2));
+    if (options.zero_init_output()) {
+      torch::NoGradGuard no_grad;
+      project_out_1_->named_parameters()["weight"].zero_();
+    }
   }
 
   /// Weights N x 2 x H x W: channel 0 weighs the infrared image, channel 1 the visible image.
