@@ -38,7 +38,6 @@ using Eigen::ArrayXXd;
 
 const std::string kData = std::string(TDFUSION_SHARED_DIR) + "/data";
 
-
 /// |a - b| <= rel * max(|a|, |b|) + abs_floor, NaN == NaN.
 bool close(double a, double b, double rel, double abs_floor = 1e-12) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
@@ -500,7 +499,6 @@ TEST_CASE("metrics: COCO-style AP against a hand-worked precision-recall curve")
   CHECK(contains(error_message([&] { evaluator.add_image({m::Box{0, 0, 1, 1, 5}}, {}); }), "class 5"));
   CHECK(contains(error_message([&] { evaluator.add_image({}, {m::Box{3, 0, 1, 1, 0}}); }), "x2 < x1"));
 }
-
 
 TEST_CASE("metrics: Student-t quantiles and the t-interval of a mean") {
   using tdfusion::metrics::student_t_quantile;
