@@ -11,6 +11,8 @@
 #include "tdfusion/meta/run_folder.hpp"
 #include "tdfusion/task/segmentation.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <array>
 #include <cstdio>
@@ -297,6 +299,30 @@ TEST_CASE("tdfusion train keeps its run folder consistent: one process, the same
   run = run_cli("train --epochs 2 --resume" + common);
   CHECK(run.exit_code == 0);
   CHECK(run.output.find("resuming") != std::string::npos);
+}
+
+TEST_CASE("a run's config.json is read back exactly, and a damaged one is refused naming the file and the key") {
+  namespace meta = tdfusion::meta;
+  meta::RunConfig config;
+  config.fusion = "refusion", config.loss = "lpn", config.task = "small-det", config.classes = 3;
+  config.task_size = "240x320", config.data = "msrs", config.fusion_data = {"roadscene", "llvip"};
+  config.seed = 18446744073709551615ull, config.fusion_lr = 1e-3, config.meta_steps = 10;
+  const nlohmann::json json = meta::to_json(config);
+  CHECK(meta::config_differences(config, meta::parse_run_config(json.dump(), "RUN/config.json")).empty());
+  const auto refusal = [&](const std::string& key, const nlohmann::json& value) {
+    nlohmann::json damaged = json;
+    damaged[key] = value;
+    return error_message([&] { meta::parse_run_config(damaged.dump(), "RUN/config.json"); });
+  };
+  // Found by fuzzing: a float where an integer belongs was cast, undefined when out of range.
+  CHECK(refusal("classes", 4.4e91) == "tdfusion: RUN/config.json: \"classes\" is not a number of the right kind (4.4e+91)");
+  CHECK(refusal("seed", -1) == "tdfusion: RUN/config.json: \"seed\" is not a number of the right kind (-1)");
+  CHECK(refusal("batch", 9223372036854775808ull) ==
+        "tdfusion: RUN/config.json: \"batch\" is not a number of the right kind (9223372036854775808)");
+  CHECK(refusal("crop", "128") == "tdfusion: RUN/config.json: \"crop\" is not a number of the right kind (string)");
+  CHECK(refusal("fusion", 1) == "tdfusion: RUN/config.json: \"fusion\" has the wrong type (number)");
+  CHECK(contains(error_message([] { meta::parse_run_config("{\"fusion\": ", "RUN/config.json"); }),
+                 "tdfusion: RUN/config.json is not valid JSON"));
 }
 
 TEST_CASE("tdfusion train rejects labels with out-of-range class ids, naming the file") {

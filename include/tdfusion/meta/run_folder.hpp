@@ -21,6 +21,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace tdfusion::meta {
@@ -57,6 +58,19 @@ template <class T>
 T config_value(const nlohmann::json& json, const char* key, const std::string& path) {
   const auto found = json.find(key);
   TORCH_CHECK(found != json.end(), "tdfusion: ", path, " has no \"", key, "\" (not a tdfusion run configuration)");
+  // nlohmann converts numbers between kinds with a plain cast (undefined when out of range): check the kind.
+  bool number_fits = true;
+  if constexpr (std::is_unsigned_v<T>) {
+    number_fits = found->is_number_unsigned();
+  } else if constexpr (std::is_integral_v<T>) {
+    number_fits = found->is_number_integer() &&
+                  !(found->is_number_unsigned() &&
+                    found->template get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<T>::max()));
+  } else if constexpr (std::is_floating_point_v<T>) {
+    number_fits = found->is_number();
+  }
+  TORCH_CHECK(number_fits, "tdfusion: ", path, ": \"", key, "\" is not a number of the right kind (",
+              found->is_number() ? found->dump() : std::string(found->type_name()), ")");
   try {
     return found->template get<T>();
   } catch (const nlohmann::json::exception&) {
