@@ -305,7 +305,7 @@ TEST_CASE("a run's config.json is read back exactly, and a damaged one is refuse
   namespace meta = tdfusion::meta;
   meta::RunConfig config;
   config.fusion = "refusion", config.loss = "lpn", config.task = "small-det", config.classes = 3;
-  config.task_size = "240x320", config.data = "msrs", config.fusion_data = {"roadscene", "llvip"};
+  config.task_size = "240x320", config.crop = 128, config.data = "msrs", config.fusion_data = {"roadscene", "llvip"};
   config.seed = 18446744073709551615ull, config.fusion_lr = 1e-3, config.meta_steps = 10;
   const nlohmann::json json = meta::to_json(config);
   CHECK(meta::config_differences(config, meta::parse_run_config(json.dump(), "RUN/config.json")).empty());
