@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -98,6 +99,26 @@ TEST_CASE("tdfusion fuse --model chooses between the two built-in networks, ReFu
   const torch::Tensor refusion = tdfusion::io::read_image(scratch / "refusion.png");
   const torch::Tensor light = tdfusion::io::read_image(scratch / "light.png");
   CHECK((refusion - light).abs().max().item<double>() > 0.05);  // two different networks
+}
+
+TEST_CASE("tdfusion fuse --timings reports each stage's seconds, one pair or a folder") {
+  Scratch scratch("timings");
+  const Run one = run_cli("fuse --timings --ir " + quoted(kExampleData + "/ir/tno_05.png") + " --vi " +
+                          quoted(kExampleData + "/vi/tno_05.png") + " --out " + quoted(scratch / "one.png"));
+  REQUIRE(one.exit_code == 0);
+  for (const std::string& stage : std::vector<std::string>{"decoding and checking 1 pair: ", "loading the model: ",
+                                                          "fusing tno_05: ", "writing " + (scratch / "one.png") + ": "}) {
+    CHECK_MESSAGE(contains(one.output, "tdfusion: " + stage), one.output);
+  }
+  const Run folder = run_cli("fuse --timings --ir " + quoted(kExampleData + "/ir") + " --vi " +
+                             quoted(kExampleData + "/vi") + " --out " + quoted(scratch / "all"));
+  REQUIRE(folder.exit_code == 0);
+  CHECK(contains(folder.output, "tdfusion: decoding and checking 4 pairs: "));
+  CHECK(contains(folder.output, "tdfusion: decoding and fusing msrs_00537D: "));
+  CHECK_FALSE(contains(run_cli("fuse --ir " + quoted(kExampleData + "/ir/tno_05.png") + " --vi " +
+                               quoted(kExampleData + "/vi/tno_05.png") + " --out " + quoted(scratch / "quiet.png"))
+                           .output,
+                       "loading the model"));
 }
 
 TEST_CASE("tdfusion demo fuses a synthetic pair and the shipped example pairs") {

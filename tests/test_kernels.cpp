@@ -1,11 +1,14 @@
 // The fast CPU kernels: agreement with the plain LibTorch ops to second order (float), and first and second
-// derivatives against central finite differences (double), for every op; the fast path of the whole fusion network.
+// derivatives against central finite differences (double), for every op; the fast path of the whole fusion network;
+// the allocator that keeps their outputs' memory for reuse.
 #include <doctest/doctest.h>
 
 #include "tdfusion/fusion/refusion.hpp"
 #include "tdfusion/core/autograd.hpp"
+#include "tdfusion/core/runtime.hpp"
 #include "tdfusion/nn/kernels/ops.hpp"
 
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -282,4 +285,54 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
                                                torch::randn({32, 8, 1, 1}), torch::randn({32, 1, 3, 3}),
                                                torch::randn({8, 16, 1, 1})),
                        doctest::Contains("both LayerNorm weights or neither"), c10::Error);
+}
+
+TEST_CASE("reuse_freed_memory's region hands out best-fit blocks, coalesces freed ones and keeps them") {
+  using tdfusion::detail::BlockRegion;
+  const size_t mb = BlockRegion::kMinBytes;
+  BlockRegion region(16 * mb);
+  char* a = static_cast<char*>(region.allocate(mb));
+  char* b = static_cast<char*>(region.allocate(3 * mb));
+  char* c = static_cast<char*>(region.allocate(mb + 1));  // rounded up to whole pages
+  REQUIRE((a != nullptr && b != nullptr && c != nullptr));
+  CHECK(b == a + mb);
+  CHECK(c == b + 3 * mb);
+  CHECK(region.high_water() == 5 * mb + BlockRegion::kGranule);
+  CHECK(region.release(b));
+  CHECK(static_cast<char*>(region.allocate(2 * mb)) == b);  // the freed block rather than new space
+  CHECK(static_cast<char*>(region.allocate(mb)) == b + 2 * mb);
+  CHECK(region.high_water() == 5 * mb + BlockRegion::kGranule);
+  int outside = 0;
+  CHECK_FALSE(region.release(&outside));
+  CHECK_FALSE(region.release(a + BlockRegion::kGranule));  // inside a block, not one
+  // Freed in an order that leaves holes first: once all are back they are one block again.
+  for (char* block : {b, c, a, b + 2 * mb}) CHECK(region.release(block));
+  CHECK(static_cast<char*>(region.allocate(16 * mb)) == a);
+  CHECK(region.allocate(mb) == nullptr);  // full
+  CHECK(region.release(a));
+  CHECK(region.allocate(17 * mb) == nullptr);
+}
+
+TEST_CASE("reuse_freed_memory's allocator serves large tensors from its region, again and again, small ones as before") {
+  tdfusion::detail::ReusingCpuAllocator allocator;
+  const size_t large = 8 * tdfusion::detail::BlockRegion::kMinBytes;
+  void* first = nullptr;
+  {
+    const c10::DataPtr block = allocator.allocate(large);
+    first = block.get();
+    CHECK((block.get_deleter() == allocator.raw_deleter()));
+    std::memset(block.get(), 1, large);
+  }
+  const size_t high_water = allocator.region().high_water();
+  const c10::DataPtr again = allocator.allocate(large);
+  CHECK(again.get() == first);
+  CHECK(allocator.region().high_water() == high_water);
+  const c10::DataPtr small = allocator.allocate(1000);
+  CHECK((small.get_deleter() == c10::GetDefaultCPUAllocator()->raw_deleter()));
+  // The raw interface (LibTorch's oneDNN convolutions use it) for both kinds.
+  for (const size_t bytes : {size_t{1000}, large}) {
+    void* raw = allocator.raw_allocate(bytes);
+    REQUIRE(raw != nullptr);
+    allocator.raw_deallocate(raw);
+  }
 }

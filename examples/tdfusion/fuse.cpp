@@ -7,9 +7,13 @@
 #include <tdfusion/fusion/fuse_images.hpp>
 #include <tdfusion/io/image.hpp>
 
+#include <chrono>
 #include <filesystem>
+#include <iomanip>
 #include <iostream>
 #include <set>
+#include <utility>
+#include <vector>
 
 namespace tdfusion::cli {
 
@@ -22,6 +26,7 @@ struct FuseArgs {
   int64_t tile = 0;
   bool parallel_tiles = false;
   bool raw = false;
+  bool timings = false;
 };
 
 /// The path as the file system resolves it (symlinks and "..", also for a file that does not exist yet).
@@ -53,14 +58,28 @@ int run_fuse(const FuseArgs& args) {
     jobs.push_back({data::PairPaths{fs::path(args.ir).stem().string(), args.ir, args.vi, ""}, args.out});
   }
   check_outputs(jobs);
-  // Every pair decodes and matches in size before anything is written.
+  // --timings: each stage's seconds on standard error (the process's start, mostly loading LibTorch, is what
+  // `tdfusion --help` takes).
+  auto lap_start = std::chrono::steady_clock::now();
+  auto lap = [&](const std::string& stage) {
+    if (!args.timings) return;
+    const auto now = std::chrono::steady_clock::now();
+    std::cerr << "tdfusion: " << stage << ": " << std::fixed << std::setprecision(3)
+              << std::chrono::duration<double>(now - lap_start).count() << " s\n";
+    lap_start = now;
+  };
+  // Every pair decodes and matches in size before anything is written; a lone pair is kept for fusing.
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> kept;
   for (const auto& [pair, out] : jobs) {
-    const torch::Tensor ir = io::read_image_compact(pair.ir), vi = io::read_image_compact(pair.vi);
+    torch::Tensor ir = io::read_image_compact(pair.ir), vi = io::read_image_compact(pair.vi);
     TORCH_CHECK(ir.size(1) == vi.size(1) && ir.size(2) == vi.size(2), "tdfusion: '", pair.ir, "' is ", ir.size(1),
                 " x ", ir.size(2), " (H x W) but its partner '", pair.vi, "' is ", vi.size(1), " x ", vi.size(2));
+    if (jobs.size() == 1) kept.emplace_back(std::move(ir), std::move(vi));
   }
+  lap("decoding and checking " + std::to_string(jobs.size()) + (jobs.size() == 1 ? " pair" : " pairs"));
   fusion::AnyFusion net = load_model(args.weights, args.model);
   net.visit([&](auto& n) { n->to(device); return 0; });
+  lap("loading the model");
   const auto options = fusion::FuseImagesOptions()
                            .tile(args.tile)
                            .parallel_tiles(args.parallel_tiles)
@@ -69,9 +88,13 @@ int run_fuse(const FuseArgs& args) {
   if (jobs.size() > 1) fs::create_directories(args.out);
   for (size_t i = 0; i < jobs.size(); ++i) {
     const auto& [pair, out] = jobs[i];
-    const torch::Tensor ir = io::read_image_compact(pair.ir), vi = io::read_image_compact(pair.vi);
+    const auto images = kept.empty() ? std::make_pair(io::read_image_compact(pair.ir), io::read_image_compact(pair.vi))
+                                     : kept[i];
+    const torch::Tensor &ir = images.first, &vi = images.second;
     const torch::Tensor fused = net.visit([&](auto& n) { return fusion::fuse_images(n, ir, vi, options); });
+    lap(kept.empty() ? "decoding and fusing " + pair.stem : "fusing " + pair.stem);
     io::write_image(out, fused);
+    lap("writing " + out);
     std::cout << "[" << i + 1 << "/" << jobs.size() << "] " << out << " (" << fused.size(2) << "x" << fused.size(1)
               << (fused.size(0) == 3 ? ", colour" : ", grey") << ")\n";
   }
@@ -93,6 +116,7 @@ Subcommand add_fuse(CLI::App& app) {
                 "with --tile: a tile per thread at a time (faster for tiles of about 128, memory of one tile each)");
   cmd->add_option("--device", args->device, "cpu, cuda or cuda:N")->capture_default_str()->check(device_validator());
   cmd->add_flag("--raw", args->raw, "keep the network's output range (no per-image min-max stretch)");
+  cmd->add_flag("--timings", args->timings, "print each stage's seconds to standard error");
   return {cmd, [args] { return run_fuse(*args); }};
 }
 

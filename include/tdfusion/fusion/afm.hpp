@@ -30,28 +30,52 @@ class AfmImpl : public torch::nn::Module {
 
   /// x1, x2: N x dim x H x W features of the two modalities; returns N x 2dim x H x W.
   torch::Tensor forward_with(const ParamView& p, torch::Tensor x1, torch::Tensor x2) const {
-    auto conv = [&p](const nn::Conv& layer, const char* name, const torch::Tensor& x) {
-      return layer->forward_with(p.sub(name), x);
-    };
     const bool fused = fusable(p, x1, x2);
-    const torch::Tensor none;  // no LayerNorm before the fused kernels here
-    auto qkv = [&](const nn::Conv& pointwise, const nn::Conv& depthwise, const std::string& name, const torch::Tensor& x) {
-      if (fused) return nn::ops::norm_pointwise_depthwise(x, none, none, p[name + ".weight"], p[name + "_dwconv.weight"]);
-      return conv(depthwise, (name + "_dwconv").c_str(), conv(pointwise, name.c_str(), x));
-    };
-    const auto qkv1 = qkv(qkv1_, qkv1_dwconv_, "qkv1", x1).chunk(3, 1);
-    const auto qkv2 = qkv(qkv2_, qkv2_dwconv_, "qkv2", x2).chunk(3, 1);
-    // Cross attention: modality 1's values are gathered with modality 2's queries and vice versa.
-    x1 = x1 + nn::channel_attention(qkv2[0], qkv1[1], qkv1[2], p["temperature1"], heads_, p["project_mid1.weight"]);
-    x2 = x2 + nn::channel_attention(qkv1[0], qkv2[1], qkv2[2], p["temperature2"], heads_, p["project_mid2.weight"]);
-    const torch::Tensor out = torch::cat({x1, x2}, 1);
+    // x1 and x2 are moved in, so they are freed with the attention's intermediates before the gated half.
+    const torch::Tensor out =
+        fused ? fused_cross_attention(p, std::move(x1), std::move(x2)) : cross_attention(p, std::move(x1), std::move(x2));
     const GatedWeights w = gated_weights(p);
+    const torch::Tensor none;  // no LayerNorm before the fused kernel here
     if (fused) return nn::ops::feed_forward_block(out, none, none, w.pointwise, w.depthwise, w.projection);
     const torch::Tensor expanded = nn::ops::depthwise3x3(nn::ops::conv1x1(out, w.pointwise), w.depthwise);
     return out + nn::ops::conv1x1(nn::ops::gelu_gate(expanded), w.projection);
   }
 
  private:
+  /// [x1 + A(q2, k1) v1; x2 + A(q1, k2) v2]: cross attention, modality 1's values gathered with modality 2's
+  /// queries and vice versa (A: nn::channel_attention with the projection project_mid folded in).
+  torch::Tensor cross_attention(const ParamView& p, const torch::Tensor& x1, const torch::Tensor& x2) const {
+    auto qkv = [&p](const nn::Conv& pointwise, const nn::Conv& depthwise, const std::string& name,
+                    const torch::Tensor& x) {
+      return depthwise->forward_with(p.sub(name + "_dwconv"), pointwise->forward_with(p.sub(name), x)).chunk(3, 1);
+    };
+    const auto qkv1 = qkv(qkv1_, qkv1_dwconv_, "qkv1", x1), qkv2 = qkv(qkv2_, qkv2_dwconv_, "qkv2", x2);
+    return torch::cat(
+        {x1 + nn::channel_attention(qkv2[0], qkv1[1], qkv1[2], p["temperature1"], heads_, p["project_mid1.weight"]),
+         x2 + nn::channel_attention(qkv1[0], qkv2[1], qkv2[2], p["temperature2"], heads_, p["project_mid2.weight"])},
+        1);
+  }
+
+  /// cross_attention on the fused inference path: both modalities' q and k first (freed once the two attention
+  /// matrices are made), then each v; each residual is added into its attention's fresh output.
+  torch::Tensor fused_cross_attention(const ParamView& p, torch::Tensor x1, torch::Tensor x2) const {
+    const torch::Tensor none;  // no LayerNorm here
+    const int64_t d = x1.size(1);
+    auto channels = [&](const std::string& name, const torch::Tensor& x, int64_t first, int64_t count) {
+      return nn::norm_pointwise_depthwise_channels(x, none, none, p[name + ".weight"], p[name + "_dwconv.weight"],
+                                                   first, count);
+    };
+    torch::Tensor matrix1, matrix2;
+    {
+      const auto qk1 = channels("qkv1", x1, 0, 2 * d).chunk(2, 1), qk2 = channels("qkv2", x2, 0, 2 * d).chunk(2, 1);
+      matrix1 = nn::attention_matrix(qk2[0], qk1[1], p["temperature1"], heads_);
+      matrix2 = nn::attention_matrix(qk1[0], qk2[1], p["temperature2"], heads_);
+    }
+    x1 = nn::attend_values(matrix1, channels("qkv1", x1, 2 * d, d), p["project_mid1.weight"]).add_(x1);
+    x2 = nn::attend_values(matrix2, channels("qkv2", x2, 2 * d, d), p["project_mid2.weight"]).add_(x2);
+    return torch::cat({x1, x2}, 1);
+  }
+
   /// Inference on CPU (ops::inference_fusable), where the fused block kernels compute the same function.
   static bool fusable(const ParamView& p, const torch::Tensor& x1, const torch::Tensor& x2) {
     return nn::ops::inference_fusable(

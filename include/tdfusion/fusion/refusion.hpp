@@ -34,9 +34,11 @@ class ReFusionImpl : public torch::nn::Module {
   /// Fuses with the weights in `p` (the module's own or fast weights). ir, vi: N x 1 x H x W in [0,1].
   torch::Tensor forward_with(const ParamView& p, const torch::Tensor& ir, const torch::Tensor& vi) const {
     check_pair_shapes(ir, vi);
-    const torch::Tensor a = encoder1_.forward_with(p, project_in_1_->forward_with(p.sub("project_in_1"), ir));
-    const torch::Tensor b = encoder2_.forward_with(p, project_in_2_->forward_with(p.sub("project_in_2"), vi));
-    torch::Tensor x = decoder_.forward_with(p, fm_->forward_with(p.sub("FM"), a, b));
+    // Each stage's inputs are temporaries or moved, so they are freed as soon as the stage is done with them.
+    torch::Tensor x = fm_->forward_with(p.sub("FM"),
+                                        encoder1_.forward_with(p, project_in_1_->forward_with(p.sub("project_in_1"), ir)),
+                                        encoder2_.forward_with(p, project_in_2_->forward_with(p.sub("project_in_2"), vi)));
+    x = decoder_.forward_with(p, std::move(x));
     x = torch::leaky_relu(project_out_0_->forward_with(p.sub("project_out_0"), x), 0.01);
     return torch::sigmoid(project_out_1_->forward_with(p.sub("project_out_1"), x));
   }

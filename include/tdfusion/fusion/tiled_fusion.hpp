@@ -40,8 +40,8 @@ struct TiledFusionOptions {
   /// On CPU, run one tile per thread at a time, each tile's kernels single-threaded, instead of one tile at a
   /// time on all threads. Memory grows to one tile per thread. It pays for small tiles, whose kernels are too
   /// short to keep all threads busy: ReFusion on 2 cores ran 1.5x as fast with 128-pixel tiles, but 0.95x
-  /// with 256 and 0.6x with 512, where glibc maps fresh pages for the worker threads' large blocks (see
-  /// reuse_freed_memory; README, Performance). Other devices always take one tile at a time.
+  /// with 256 and 0.6x with 512 (measured when glibc still mapped fresh pages for the worker threads' large
+  /// blocks, before reuse_freed_memory kept them in its region). Other devices always take one tile at a time.
   TORCH_ARG(bool, parallel_tiles) = false;
 };
 

@@ -591,6 +591,9 @@ inline void write_png(FileSink& sink, int64_t width, int64_t height, int64_t cha
   png_infop info = writer.info();
   bool ok = png_call(png, [&] {
     png_set_write_fn(png, &sink, &png_write_to_sink, &png_flush_nothing);
+    // zlib level 2 instead of its default 6: a fused 640x480 colour image is written in 0.04 s instead of
+    // 0.13 s on this project's machines and is 12 % larger.
+    png_set_compression_level(png, 2);
     png_set_IHDR(png, info, static_cast<png_uint_32>(width), static_cast<png_uint_32>(height), bit_depth,
                  channels == 1 ? PNG_COLOR_TYPE_GRAY : PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
                  PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);

@@ -97,25 +97,37 @@ inline torch::Tensor attend_values(const torch::Tensor& attn, const torch::Tenso
   return ops::bmm(mixed, v.reshape({n, 1, c, pixels})).reshape(v.sizes());
 }
 
-/// Transposed ("channel") attention of Restormer: q and k are L2-normalised along the pixels and the
-/// attention matrix is (C/heads) x (C/heads), so the cost grows linearly with the pixel count. The long
-/// normalised q and k are never formed: the small Gram matrix is normalised instead (ops::cosine_gram).
-/// q, k, v: N x C x H x W; temperature: heads x 1 x 1; projection: the following bias-free 1x1 convolution's
-/// weight (C x C x 1 x 1), folded into the attention (attend_values), or undefined. Returns N x C x H x W.
+/// The attention matrices of Restormer's transposed ("channel") attention: per head, the softmax over rows of
+/// the cosine similarities of q's and k's channels (L2-normalised along the pixels) times the temperature.
+/// The long normalised q and k are never formed: the small Gram matrix is normalised instead
+/// (ops::cosine_gram). q, k: N x C x H x W; temperature: heads x 1 x 1. Returns N x heads x C/heads x C/heads.
+inline torch::Tensor attention_matrix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& temperature,
+                                      int64_t heads) {
+  const int64_t n = q.size(0), c = q.size(1), h = q.size(2), w = q.size(3);
+  TORCH_CHECK(c % heads == 0, "tdfusion: ", c, " channels cannot be split into ", heads, " heads");
+  if (AttentionTiling* hook = AttentionTiling::active()) return hook->matrix(q, k, temperature, heads);
+  const torch::Tensor qh = q.reshape({n, heads, c / heads, h * w});
+  const torch::Tensor kh = k.reshape({n, heads, c / heads, h * w});
+  return torch::softmax(ops::cosine_gram(qh, kh) * temperature, -1);
+}
+
+/// Transposed ("channel") attention of Restormer, whose cost grows linearly with the pixel count (see
+/// attention_matrix). q, k, v: N x C x H x W; temperature: heads x 1 x 1; projection: the following bias-free
+/// 1x1 convolution's weight (C x C x 1 x 1), folded into the attention (attend_values), or undefined.
+/// Returns N x C x H x W.
 inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                        const torch::Tensor& temperature, int64_t heads,
                                        const torch::Tensor& projection = {}) {
-  const int64_t n = q.size(0), c = q.size(1), h = q.size(2), w = q.size(3);
-  TORCH_CHECK(c % heads == 0, "tdfusion: ", c, " channels cannot be split into ", heads, " heads");
-  torch::Tensor attn;
-  if (AttentionTiling* hook = AttentionTiling::active()) {
-    attn = hook->matrix(q, k, temperature, heads);
-  } else {
-    const torch::Tensor qh = q.reshape({n, heads, c / heads, h * w});
-    const torch::Tensor kh = k.reshape({n, heads, c / heads, h * w});
-    attn = torch::softmax(ops::cosine_gram(qh, kh) * temperature, -1);
-  }
-  return attend_values(attn, v, projection);
+  return attend_values(attention_matrix(q, k, temperature, heads), v, projection);
+}
+
+/// Channels [first, first + count) of W_dw * (W_in LN(x)) (ops::norm_pointwise_depthwise; undefined ln_w and
+/// ln_b: no LayerNorm), computed from those channels' weights alone. The fused inference paths make an
+/// attention's q and k with it, then v once q and k are freed: the three are never held together.
+inline torch::Tensor norm_pointwise_depthwise_channels(const torch::Tensor& x, const torch::Tensor& ln_w,
+                                                       const torch::Tensor& ln_b, const torch::Tensor& w_in,
+                                                       const torch::Tensor& w_dw, int64_t first, int64_t count) {
+  return ops::norm_pointwise_depthwise(x, ln_w, ln_b, w_in.narrow(0, first, count), w_dw.narrow(0, first, count));
 }
 
 /// Multi-Dconv head transposed attention (MDTA).
@@ -138,7 +150,25 @@ class AttentionImpl : public torch::nn::Module {
     return channel_attention(parts[0], parts[1], parts[2], p["temperature"], heads_, p["project_out.weight"]);
   }
 
+  /// forward_with(p, LN(x)) for the fused inference path (ops::inference_fusable): LayerNorm (ln_w, ln_b), qkv
+  /// and qkv_dwconv in one kernel, q and k first (the temporary `qk`, freed with the attention matrix made),
+  /// then v.
+  torch::Tensor fused_forward(const ParamView& p, const torch::Tensor& x, const torch::Tensor& ln_w,
+                              const torch::Tensor& ln_b) const {
+    const torch::Tensor &w = p["qkv.weight"], &dw = p["qkv_dwconv.weight"];
+    const int64_t c = x.size(1);
+    const torch::Tensor matrix = matrix_of(norm_pointwise_depthwise_channels(x, ln_w, ln_b, w, dw, 0, 2 * c), p);
+    return attend_values(matrix, norm_pointwise_depthwise_channels(x, ln_w, ln_b, w, dw, 2 * c, c),
+                         p["project_out.weight"]);
+  }
+
  private:
+  /// The attention matrix of the stacked q and k (N x 2C x H x W).
+  torch::Tensor matrix_of(const torch::Tensor& qk, const ParamView& p) const {
+    const auto parts = qk.chunk(2, 1);
+    return attention_matrix(parts[0], parts[1], p["temperature"], heads_);
+  }
+
   int64_t heads_;
   Conv qkv_{nullptr}, qkv_dwconv_{nullptr};
 };
@@ -183,7 +213,8 @@ class TransformerBlockImpl : public torch::nn::Module {
     const torch::Tensor &ln1_w = p["norm1.body.weight"], &ln1_b = p["norm1.body.bias"];
     const torch::Tensor &ln2_w = p["norm2.body.weight"], &ln2_b = p["norm2.body.bias"];
     if (ops::inference_fusable({&x, &qkv_w, &qkv_dw, &in_w, &in_dw, &out_w, &ln1_w, &ln1_b, &ln2_w, &ln2_b})) {
-      x = x + attn_->attend(p.sub("attn"), ops::norm_pointwise_depthwise(x, ln1_w, ln1_b, qkv_w, qkv_dw));
+      // The attention's output is fresh and records no gradient: the residual is added into it.
+      x = attn_->fused_forward(p.sub("attn"), x, ln1_w, ln1_b).add_(x);
       return ops::feed_forward_block(x, ln2_w, ln2_b, in_w, in_dw, out_w);
     }
     x = x + attn_->forward_with(p.sub("attn"), norm1_->forward_with(p.sub("norm1"), x));
@@ -215,7 +246,8 @@ class TransformerStack {
 
   torch::Tensor forward_with(const ParamView& p, torch::Tensor x) const {
     const ParamView mine = p.sub(name_);
-    for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i]->forward_with(mine.sub(std::to_string(i)), x);
+    // Moved in, so that each block's input is freed as soon as the block is done with it.
+    for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i]->forward_with(mine.sub(std::to_string(i)), std::move(x));
     return x;
   }
 
