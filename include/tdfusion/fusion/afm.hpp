@@ -31,9 +31,9 @@ class AfmImpl : public torch::nn::Module {
   /// x1, x2: N x dim x H x W features of the two modalities; returns N x 2dim x H x W.
   torch::Tensor forward_with(const ParamView& p, torch::Tensor x1, torch::Tensor x2) const {
     const bool fused = fusable(p, x1, x2);
-    // x1 and x2 are moved in, so they are freed with the attention's intermediates before the gated half.
-    const torch::Tensor out =
-        fused ? fused_cross_attention(p, std::move(x1), std::move(x2)) : cross_attention(p, std::move(x1), std::move(x2));
+    // Moved into the fused path, so that x1 and x2 are freed with the attention's intermediates before the
+    // gated half.
+    const torch::Tensor out = fused ? fused_cross_attention(p, std::move(x1), std::move(x2)) : cross_attention(p, x1, x2);
     const GatedWeights w = gated_weights(p);
     const torch::Tensor none;  // no LayerNorm before the fused kernel here
     if (fused) return nn::ops::feed_forward_block(out, none, none, w.pointwise, w.depthwise, w.projection);
