@@ -281,6 +281,32 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       CHECK(relative_error(block, x + ops::conv1x1(ops::gelu_gate(expanded), w_out)) < 1e-5);
     }
   }
+  // An attention's Gram matrices and norms (3 heads of q and k rows), and its output for given mixing matrices,
+  // in float and double, with 6 channels (a register block of 4 outputs and two single ones) on rows of 1 to 4
+  // vectors and a remainder of pixels.
+  for (const auto type : {torch::kFloat, torch::kDouble}) {
+    for (const int64_t width : {5, 60, 150}) {
+      CAPTURE(type);
+      CAPTURE(width);
+      const auto options = torch::TensorOptions().dtype(type);
+      const torch::Tensor x = torch::randn({2, 6, 40, width}, options);
+      const torch::Tensor lw = torch::rand({6}, options), lb = torch::randn({6}, options);
+      const torch::Tensor w_v = torch::randn({6, 6, 1, 1}, options) * 0.3, w_dw = torch::randn({6, 1, 3, 3}, options) * 0.3;
+      const torch::Tensor mixing = torch::randn({2, 6, 6}, options);
+      const torch::Tensor w_qk = torch::randn({12, 6, 1, 1}, options) * 0.3, w_qk_dw = torch::randn({12, 1, 3, 3}, options) * 0.3;
+      const torch::Tensor output = ops::attention_output(x, lw, lb, w_v, w_dw, mixing);
+      const std::vector<torch::Tensor> sums = ops::attention_gram(x, lw, lb, w_qk, w_qk_dw, 3);
+      const ops::FastKernels off(false);
+      const double tolerance = type == torch::kFloat ? 1e-5 : 1e-12;
+      const torch::Tensor normed = ops::channel_layer_norm(x, lw, lb);
+      const torch::Tensor v = ops::depthwise3x3(ops::conv1x1(normed, w_v), w_dw);
+      CHECK(relative_error(output, x + torch::matmul(mixing, v.flatten(2)).view_as(x)) < tolerance);
+      const auto qk = ops::depthwise3x3(ops::conv1x1(normed, w_qk), w_qk_dw).view({2, 2, 3, 2, -1}).unbind(1);
+      CHECK(relative_error(sums[0], torch::matmul(qk[0], qk[1].transpose(-1, -2))) < tolerance);
+      CHECK(relative_error(sums[1], qk[0].norm(2, -1)) < tolerance);
+      CHECK(relative_error(sums[2], qk[1].norm(2, -1)) < tolerance);
+    }
+  }
   CHECK_THROWS_WITH_AS(ops::feed_forward_block(torch::randn({1, 8, 4, 4}), torch::rand({8}), torch::Tensor(),
                                                torch::randn({32, 8, 1, 1}), torch::randn({32, 1, 3, 3}),
                                                torch::randn({8, 16, 1, 1})),

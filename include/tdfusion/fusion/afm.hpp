@@ -4,6 +4,9 @@
 
 #include "tdfusion/nn/layers.hpp"
 
+#include <string>
+#include <utility>
+
 namespace tdfusion::fusion {
 
 class AfmImpl : public torch::nn::Module {
@@ -57,7 +60,7 @@ class AfmImpl : public torch::nn::Module {
   }
 
   /// cross_attention on the fused inference path: both modalities' q and k first (freed once the two attention
-  /// matrices are made), then each v; each residual is added into its attention's fresh output.
+  /// matrices are made), then each output with its residual (ops::attention_output; v never stored).
   torch::Tensor fused_cross_attention(const ParamView& p, torch::Tensor x1, torch::Tensor x2) const {
     const torch::Tensor none;  // no LayerNorm here
     const int64_t d = x1.size(1);
@@ -71,9 +74,15 @@ class AfmImpl : public torch::nn::Module {
       matrix1 = nn::attention_matrix(qk2[0], qk1[1], p["temperature1"], heads_);
       matrix2 = nn::attention_matrix(qk1[0], qk2[1], p["temperature2"], heads_);
     }
-    x1 = nn::attend_values(matrix1, channels("qkv1", x1, 2 * d, d), p["project_mid1.weight"]).add_(x1);
-    x2 = nn::attend_values(matrix2, channels("qkv2", x2, 2 * d, d), p["project_mid2.weight"]).add_(x2);
-    return torch::cat({x1, x2}, 1);
+    auto output = [&](const std::string& name, const torch::Tensor& x, const torch::Tensor& matrix,
+                      const std::string& projection) {
+      return nn::ops::attention_output(x, none, none, p[name + ".weight"].narrow(0, 2 * d, d),
+                                       p[name + "_dwconv.weight"].narrow(0, 2 * d, d),
+                                       nn::attention_mixing(matrix, p[projection + ".weight"]));
+    };
+    // Each input is freed as soon as its output is made.
+    const torch::Tensor out1 = output("qkv1", std::exchange(x1, {}), matrix1, "project_mid1");
+    return torch::cat({out1, output("qkv2", std::exchange(x2, {}), matrix2, "project_mid2")}, 1);
   }
 
   /// Inference on CPU (ops::inference_fusable), where the fused block kernels compute the same function.

@@ -83,18 +83,24 @@ inline torch::Tensor attention_matrix(const torch::Tensor& gram, const torch::Te
   return torch::softmax(ops::normalised_gram(gram, q_norm, k_norm) * temperature, -1);
 }
 
-/// The per-head attention matrices attn (N x heads x d x d) applied to v (N x C x H x W, C = heads d), followed
-/// by the 1x1 projection W (C x C x 1 x 1) when one is given: W blockdiag(attn) v computed as the C x C matrix
-/// (W blockdiag(attn)) times v, one pass over the pixels instead of two.
-inline torch::Tensor attend_values(const torch::Tensor& attn, const torch::Tensor& v, const torch::Tensor& projection) {
-  const int64_t n = v.size(0), c = v.size(1), heads = attn.size(1), d = attn.size(2), pixels = v.size(2) * v.size(3);
-  if (!projection.defined()) return ops::bmm(attn, v.reshape({n, heads, d, pixels})).reshape(v.sizes());
+/// The per-head attention matrices attn (N x heads x d x d) followed by the 1x1 projection W (C x C x 1 x 1, C =
+/// heads d) as one N x C x C matrix per image, W blockdiag(attn): what the attention's output applies to v.
+inline torch::Tensor attention_mixing(const torch::Tensor& attn, const torch::Tensor& projection) {
+  const int64_t n = attn.size(0), heads = attn.size(1), d = attn.size(2), c = heads * d;
   TORCH_CHECK(projection.dim() == 4 && projection.size(0) == c && projection.size(1) == c,
               "tdfusion: attention projection must be ", c, " x ", c, " x 1 x 1, got ", projection.sizes());
   // Column block h of W (C x d) times attn_h: heads x C x d -> N x heads x C x d -> N x C x (heads d).
   const torch::Tensor blocks = projection.reshape({c, heads, d}).permute({1, 0, 2});
-  const torch::Tensor mixed = torch::matmul(blocks.unsqueeze(0), attn).permute({0, 2, 1, 3}).reshape({n, 1, c, c});
-  return ops::bmm(mixed, v.reshape({n, 1, c, pixels})).reshape(v.sizes());
+  return torch::matmul(blocks.unsqueeze(0), attn).permute({0, 2, 1, 3}).reshape({n, c, c});
+}
+
+/// The per-head attention matrices attn (N x heads x d x d) applied to v (N x C x H x W, C = heads d), followed
+/// by the 1x1 projection W (C x C x 1 x 1) when one is given: attention_mixing(attn, W) times v, one pass over
+/// the pixels instead of two.
+inline torch::Tensor attend_values(const torch::Tensor& attn, const torch::Tensor& v, const torch::Tensor& projection) {
+  const int64_t n = v.size(0), c = v.size(1), heads = attn.size(1), d = attn.size(2), pixels = v.size(2) * v.size(3);
+  if (!projection.defined()) return ops::bmm(attn, v.reshape({n, heads, d, pixels})).reshape(v.sizes());
+  return ops::bmm(attention_mixing(attn, projection).unsqueeze(1), v.reshape({n, 1, c, pixels})).reshape(v.sizes());
 }
 
 /// The attention matrices of Restormer's transposed ("channel") attention: per head, the softmax over rows of
@@ -150,16 +156,23 @@ class AttentionImpl : public torch::nn::Module {
     return channel_attention(parts[0], parts[1], parts[2], p["temperature"], heads_, p["project_out.weight"]);
   }
 
-  /// forward_with(p, LN(x)) for the fused inference path (ops::inference_fusable): LayerNorm (ln_w, ln_b), qkv
-  /// and qkv_dwconv in one kernel, q and k first (the temporary `qk`, freed with the attention matrix made),
-  /// then v.
+  /// x + forward_with(p, LN(x)) on the fused inference path (ops::inference_fusable; LayerNorm ln_w, ln_b): two
+  /// passes over x that store none of q, k and v, one for the attention's Gram matrices (ops::attention_gram;
+  /// under an AttentionTiling hook, which needs q and k themselves, those are made), one for its output with the
+  /// residual (ops::attention_output).
   torch::Tensor fused_forward(const ParamView& p, const torch::Tensor& x, const torch::Tensor& ln_w,
                               const torch::Tensor& ln_b) const {
     const torch::Tensor &w = p["qkv.weight"], &dw = p["qkv_dwconv.weight"];
     const int64_t c = x.size(1);
-    const torch::Tensor matrix = matrix_of(norm_pointwise_depthwise_channels(x, ln_w, ln_b, w, dw, 0, 2 * c), p);
-    return attend_values(matrix, norm_pointwise_depthwise_channels(x, ln_w, ln_b, w, dw, 2 * c, c),
-                         p["project_out.weight"]);
+    torch::Tensor matrix;
+    if (AttentionTiling::active() != nullptr) {  // the hook needs q and k themselves
+      matrix = matrix_of(norm_pointwise_depthwise_channels(x, ln_w, ln_b, w, dw, 0, 2 * c), p);
+    } else {
+      const auto sums = ops::attention_gram(x, ln_w, ln_b, w.narrow(0, 0, 2 * c), dw.narrow(0, 0, 2 * c), heads_);
+      matrix = attention_matrix(sums[0], sums[1], sums[2], p["temperature"]);
+    }
+    return ops::attention_output(x, ln_w, ln_b, w.narrow(0, 2 * c, c), dw.narrow(0, 2 * c, c),
+                                 attention_mixing(matrix, p["project_out.weight"]));
   }
 
  private:
@@ -213,8 +226,7 @@ class TransformerBlockImpl : public torch::nn::Module {
     const torch::Tensor &ln1_w = p["norm1.body.weight"], &ln1_b = p["norm1.body.bias"];
     const torch::Tensor &ln2_w = p["norm2.body.weight"], &ln2_b = p["norm2.body.bias"];
     if (ops::inference_fusable({&x, &qkv_w, &qkv_dw, &in_w, &in_dw, &out_w, &ln1_w, &ln1_b, &ln2_w, &ln2_b})) {
-      // The attention's output is fresh and records no gradient: the residual is added into it.
-      x = attn_->fused_forward(p.sub("attn"), x, ln1_w, ln1_b).add_(x);
+      x = attn_->fused_forward(p.sub("attn"), x, ln1_w, ln1_b);
       return ops::feed_forward_block(x, ln2_w, ln2_b, in_w, in_dw, out_w);
     }
     x = x + attn_->forward_with(p.sub("attn"), norm1_->forward_with(p.sub("norm1"), x));

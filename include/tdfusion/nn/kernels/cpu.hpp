@@ -13,7 +13,9 @@
 //                        backward and the backward of that
 //   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
 //   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over cache-sized tiles (inference only)
-//                        (both also without the LayerNorm, as in ReFusion's fusion module)
+//   attention_gram       the Gram matrices and row norms of an attention's q and k = dwconv3x3(W_qk LN(x)), likewise
+//   attention_output     x + M dwconv3x3(W_v LN(x)), an attention's output for given matrices M, likewise
+//                        (all four also without the LayerNorm, as in ReFusion's fusion module)
 //
 // Reductions over pixels accumulate over at most a few rows in the tensor's type and beyond that in double.
 
@@ -570,11 +572,78 @@ inline std::vector<torch::Tensor> gelu_gate_double_backward(const torch::Tensor&
 
 namespace detail {
 
-/// dwconv3x3(W_in LN(x)) on a tile of an image, the common start of the fused block kernels. compute(n, tile)
-/// gathers the tile with a one-pixel halo, normalises it (unless ln_w is null: no LayerNorm) and multiplies by
-/// W_in, all in cache-sized buffers; depthwise(plane, dst, stride) then writes the tile's convolved values of
-/// one output plane, row by row, `stride` apart. The halo is always there: where it lies outside the image it
-/// holds zeros, which W_in (without bias) keeps zero, so the depthwise convolution reads the buffer directly.
+/// Image planes seen through a rows x cols window: element (c, r, i) at data[c * plane + r * row + i].
+template <class T>
+struct PlaneWindow {
+  T* data;
+  int64_t plane, row;
+};
+
+/// y_o = residual_o + sum_c w[o, c] x_c for the output planes o < outs of a window (residual 0 where its data
+/// is null): the 1x1 convolutions of the fused kernels. With only 16 to 64 input channels a general GEMM
+/// spends much of its time packing the operands and zeroing its output; this reads the planes in place, keeps
+/// a block of 4 outputs x (up to) 4 vectors of pixels in registers and writes each output once.
+template <class T>
+void pointwise(PlaneWindow<const T> x, int64_t ins, const T* w, int64_t outs, PlaneWindow<const T> residual,
+               PlaneWindow<T> y, int64_t rows, int64_t cols) {
+  using Packet = typename Eigen::internal::packet_traits<T>::type;
+  constexpr int64_t kLanes = Eigen::internal::packet_traits<T>::size, kOuts = 4;
+  // Outputs [o, o + kBlock) at pixels [i, i + kVectors * kLanes) of one row.
+  auto block = [&](auto vectors, auto block_outs, const T* in, const T* res, T* out, int64_t o) {
+    constexpr int64_t kVectors = decltype(vectors)::value, kBlock = decltype(block_outs)::value;
+    Packet acc[kBlock][kVectors];
+    for (int64_t b = 0; b < kBlock; ++b) {
+      for (int64_t v = 0; v < kVectors; ++v) {
+        acc[b][v] = res != nullptr ? Eigen::internal::ploadu<Packet>(res + (o + b) * residual.plane + v * kLanes)
+                                   : Eigen::internal::pset1<Packet>(T(0));
+      }
+    }
+    for (int64_t c = 0; c < ins; ++c) {
+      Packet pixels[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) pixels[v] = Eigen::internal::ploadu<Packet>(in + c * x.plane + v * kLanes);
+      for (int64_t b = 0; b < kBlock; ++b) {
+        const Packet weight = Eigen::internal::pset1<Packet>(w[(o + b) * ins + c]);
+        for (int64_t v = 0; v < kVectors; ++v) acc[b][v] = Eigen::internal::pmadd(pixels[v], weight, acc[b][v]);
+      }
+    }
+    for (int64_t b = 0; b < kBlock; ++b) {
+      for (int64_t v = 0; v < kVectors; ++v) Eigen::internal::pstoreu(out + (o + b) * y.plane + v * kLanes, acc[b][v]);
+    }
+  };
+  auto columns = [&](auto vectors, const T* in, const T* res, T* out) {
+    int64_t o = 0;
+    for (; o + kOuts <= outs; o += kOuts) block(vectors, std::integral_constant<int64_t, kOuts>{}, in, res, out, o);
+    for (; o < outs; ++o) block(vectors, std::integral_constant<int64_t, 1>{}, in, res, out, o);
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = x.data + r * x.row;
+    const T* res = residual.data != nullptr ? residual.data + r * residual.row : nullptr;
+    T* out = y.data + r * y.row;
+    int64_t i = 0;
+    auto shifted = [&](const T* p) { return p != nullptr ? p + i : nullptr; };
+    for (; i + 4 * kLanes <= cols; i += 4 * kLanes) columns(std::integral_constant<int64_t, 4>{}, in + i, shifted(res), out + i);
+    const int64_t left = (cols - i) / kLanes;
+    if (left == 3) columns(std::integral_constant<int64_t, 3>{}, in + i, shifted(res), out + i);
+    if (left == 2) columns(std::integral_constant<int64_t, 2>{}, in + i, shifted(res), out + i);
+    if (left == 1) columns(std::integral_constant<int64_t, 1>{}, in + i, shifted(res), out + i);
+    for (i += left * kLanes; i < cols; ++i) {
+      for (int64_t o = 0; o < outs; ++o) {
+        T sum = res != nullptr ? res[o * residual.plane + i] : T(0);
+        for (int64_t c = 0; c < ins; ++c) sum += w[o * ins + c] * in[c * x.plane + i];
+        out[o * y.plane + i] = sum;
+      }
+    }
+  }
+}
+
+/// dwconv3x3(W_in LN(x)) on a tile of an image, the common start of the fused block kernels, in cache-sized
+/// buffers. compute(n, tile) gathers the tile with a one-pixel halo and normalises it (unless ln_w is null: no
+/// LayerNorm); expand(first, count, slot) multiplies it by rows [first, first + count) of W_in into the slots
+/// [slot, slot + count) of a buffer of out_channels planes (a caller may expand a few planes at a time, so that
+/// they stay in the fastest cache until used); depthwise(plane, slot, dst, stride) then writes the tile's
+/// convolved values of output plane `plane`, expanded into `slot`, row by row, `stride` apart. The halo is always
+/// there: where it lies outside the image it holds zeros, which W_in (without bias) keeps zero, so the depthwise
+/// convolution reads the buffer directly.
 template <class T>
 class NormPointwiseDepthwiseTile {
  public:
@@ -585,13 +654,15 @@ class NormPointwiseDepthwiseTile {
   NormPointwiseDepthwiseTile(const T* x, int64_t channels, int64_t height, int64_t width, const T* ln_w,
                              const T* ln_b, const T* w_in, int64_t out_channels, const T* w_dw, double eps)
       : x_(x), channels_(channels), height_(height), width_(width), ln_w_(ln_w), ln_b_(ln_b),
-        w_in_t_(w_in, channels, out_channels), w_dw_(w_dw), eps_(eps) {}
+        w_in_(w_in), out_channels_(out_channels), w_dw_(w_dw), eps_(eps) {}
 
   /// The tiles of an image: about 2^18 / out_channels pixels each, so the out_channels-wide buffer is about
-  /// 1 MB (the L2 cache; larger tiles measured slower here); nearly square, so the recomputed halo stays small,
-  /// and a whole number of 64-byte vectors wide, so the depthwise rows need no remainder loop.
+  /// 1 MB (the L2 cache; larger tiles measured slower here), but at least 2048, as the recomputed halo of
+  /// smaller tiles cost more than the cache misses of ReFusion's 256-channel fusion-module block; nearly square,
+  /// so the halo stays small, and a whole number of 64-byte vectors wide, so the depthwise rows need no
+  /// remainder loop.
   static std::vector<Tile> tiles(int64_t height, int64_t width, int64_t out_channels) {
-    const double area = static_cast<double>((1 << 18) / std::max<int64_t>(1, out_channels));
+    const double area = static_cast<double>(std::max<int64_t>(2048, (1 << 18) / std::max<int64_t>(1, out_channels)));
     const int64_t lanes = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T)));
     const int64_t cols = std::max<int64_t>(lanes, std::llround(std::sqrt(area) / lanes) * lanes);
     const int64_t rows = std::max<int64_t>(8, static_cast<int64_t>(area) / (cols + 2) - 2);
@@ -628,14 +699,21 @@ class NormPointwiseDepthwiseTile {
       }
       clear_outside_image(rows, cols);  // the LayerNorm maps a zero pixel to its bias
     }
-    expanded_.noalias() = normed_ * w_in_t_;  // len x out_channels: row-major W_in is its transpose here
+    expanded_.resize(len, out_channels_);
   }
 
-  void depthwise(int64_t plane, T* dst, int64_t stride) const {
+  /// Multiplies the tile by rows [first, first + count) of W_in into the buffer's columns [slot, slot + count).
+  void expand(int64_t first, int64_t count, int64_t slot) {
+    const int64_t len = normed_.rows();
+    pointwise<T>({normed_.data(), len, 0}, channels_, w_in_ + first * channels_, count, {nullptr, 0, 0},
+                 {expanded_.data() + slot * len, len, 0}, 1, len);
+  }
+
+  void depthwise(int64_t plane, int64_t slot, T* dst, int64_t stride) const {
     const int64_t cols = tile_.c1 - tile_.c0 + 2, count = cols - 2;
     const T* k = w_dw_ + plane * 9;
     const T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
-    const T* above = expanded_.col(plane).data();
+    const T* above = expanded_.col(slot).data();
     for (int64_t r = 0; r < tile_.r1 - tile_.r0; ++r, above += cols) {
       const T *ra = above, *rb = above + cols, *rc = above + 2 * cols;
       T* out = dst + r * stride;
@@ -666,7 +744,8 @@ class NormPointwiseDepthwiseTile {
   const T* x_;
   int64_t channels_, height_, width_;
   const T *ln_w_, *ln_b_;
-  Eigen::Map<const ColMatrix<T>> w_in_t_;
+  const T* w_in_;
+  int64_t out_channels_;
   const T* w_dw_;
   double eps_;
   Tile tile_{0, 0, 0, 0};
@@ -717,14 +796,52 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
         const int64_t n = item / count;
         const auto& tile = tiles[static_cast<size_t>(item % count)];
         fused.compute(n, tile);
+        fused.expand(0, out, 0);
         for (int64_t o = 0; o < out; ++o) {
-          fused.depthwise(o, y.data_ptr<T>() + ((n * out + o) * height + tile.r0) * width + tile.c0, width);
+          fused.depthwise(o, o, y.data_ptr<T>() + ((n * out + o) * height + tile.r0) * width + tile.c0, width);
         }
       }
     });
   });
   return y;
 }
+
+namespace detail {
+
+/// y = x + P_n f(dwconv3x3(W_in LN(x))) for each image n, over the tiles of NormPointwiseDepthwiseTile (the
+/// residual half of a fused block): mix(fused, f, scratch, cols) writes f of the tile's W_in channels into the
+/// `hidden` columns of f (tile pixels x hidden), and the projection P_n = projection(n) (C x hidden, row-major)
+/// adds them to x's window as it writes y's. xc: contiguous N x C x H x W; y: a tensor of its shape.
+template <class T, class Mix, class Projection>
+void residual_tiles(const torch::Tensor& xc, const torch::Tensor& lw, const torch::Tensor& lb, const torch::Tensor& win,
+                    const torch::Tensor& wdw, double eps, int64_t hidden, const Mix& mix, const Projection& projection,
+                    torch::Tensor& y) {
+  using Fused = NormPointwiseDepthwiseTile<T>;
+  const int64_t batch = xc.size(0), channels = xc.size(1), height = xc.size(2), width = xc.size(3);
+  const int64_t pixels = height * width, expanded = win.size(0);
+  const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, expanded);
+  const auto count = static_cast<int64_t>(tiles.size());
+  at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
+    Fused fused(xc.data_ptr<T>(), channels, height, width, data_or_null<T>(lw), data_or_null<T>(lb), win.data_ptr<T>(),
+                expanded, wdw.data_ptr<T>(), eps);
+    ColMatrix<T> mixed;
+    Array<T> scratch;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / count;
+      const auto& tile = tiles[static_cast<size_t>(item % count)];
+      const int64_t cols = tile.c1 - tile.c0;
+      fused.compute(n, tile);
+      mixed.resize((tile.r1 - tile.r0) * cols, hidden);
+      mix(fused, mixed, scratch, cols);
+      const int64_t offset = n * channels * pixels + tile.r0 * width + tile.c0;
+      pointwise<T>({mixed.data(), mixed.rows(), cols}, hidden, projection(n), channels,
+                   {xc.data_ptr<T>() + offset, pixels, width}, {y.data_ptr<T>() + offset, pixels, width},
+                   tile.r1 - tile.r0, cols);
+    }
+  });
+}
+
+}  // namespace detail
 
 /// The feed-forward half of a Restormer transformer block, x + W_out (gelu(a) * b) with [a; b] =
 /// dwconv3x3(W_in LN(x)), in one pass over cache-sized tiles (inference only): the 2H- and H-channel
@@ -736,13 +853,11 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
                                         const torch::Tensor& w_out, double eps) {
   RECORD_FUNCTION("tdfusion::feed_forward_block", std::vector<c10::IValue>());
   detail::check_block_weights(x, ln_w, ln_b, w_in, w_dw);
-  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t hidden2 = w_in.size(0), hidden = hidden2 / 2;
+  const int64_t channels = x.size(1), hidden2 = w_in.size(0), hidden = hidden2 / 2;
   TORCH_CHECK(hidden2 == 2 * hidden && w_out.size(0) == channels && w_out.size(1) == hidden,
               "tdfusion: feed_forward_block kernel got output weight ", w_out.sizes(), " for ", channels,
               " channels and ", hidden2, " hidden ones");
-  const int64_t pixels = height * width;
-  multiply_adds() += batch * pixels * (hidden2 * (channels + 9) + channels * hidden);
+  multiply_adds() += x.size(0) * x.size(2) * x.size(3) * (hidden2 * (channels + 9) + channels * hidden);
   const torch::Tensor xc = x.contiguous();
   const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
   const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous(), wout = w_out.contiguous();
@@ -750,46 +865,128 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_feed_forward_block", [&] {
     using T = scalar_t;
+    auto gated = [hidden](auto& fused, detail::ColMatrix<T>& out, detail::Array<T>& gate, int64_t cols) {
+      gate.resize(out.rows());
+      constexpr int64_t kGroup = 8;  // hidden channels per expansion: their a and b planes stay in L1/L2
+      for (int64_t c0 = 0; c0 < hidden; c0 += kGroup) {
+        const int64_t g = std::min(kGroup, hidden - c0);
+        fused.expand(c0, g, 0);
+        fused.expand(hidden + c0, g, g);
+        for (int64_t c = c0; c < c0 + g; ++c) {
+          fused.depthwise(c, c - c0, out.col(c).data(), cols);
+          fused.depthwise(c + hidden, g + c - c0, gate.data(), cols);
+          out.col(c).array() = detail::gelu(out.col(c).array()) * gate;
+        }
+      }
+    };
+    detail::residual_tiles<T>(xc, lw, lb, win, wdw, eps, hidden, gated, [&](int64_t) { return wout.data_ptr<T>(); }, y);
+  });
+  return y;
+}
+
+/// The per-head Gram matrices q_h k_h^T and the row norms |q_c|, |k_c| of a Restormer attention's q and k, the
+/// channel halves of dwconv3x3(W_qk LN(x)), in one pass over cache-sized tiles (inference only): q and k never
+/// leave the cache. Sums over a tile are taken in the tensor's type, over tiles in double. x: N x C x H x W;
+/// ln_w, ln_b: C; w_qk: 2D x C x 1 x 1; w_dw: 2D x 1 x 3 x 3, heads dividing D. Returns {gram: N x heads x d x d,
+/// q_norm, k_norm: N x heads x d} (d = D / heads). Undefined ln_w and ln_b: without the LayerNorm.
+inline std::vector<torch::Tensor> attention_gram(const torch::Tensor& x, const torch::Tensor& ln_w,
+                                                 const torch::Tensor& ln_b, const torch::Tensor& w_qk,
+                                                 const torch::Tensor& w_dw, int64_t heads, double eps) {
+  RECORD_FUNCTION("tdfusion::attention_gram", std::vector<c10::IValue>());
+  detail::check_block_weights(x, ln_w, ln_b, w_qk, w_dw);
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t qk = w_qk.size(0), dim = qk / 2, d = heads > 0 ? dim / heads : 0;
+  TORCH_CHECK(qk == 2 * dim && heads > 0 && dim == heads * d, "tdfusion: attention_gram kernel cannot split ", qk,
+              " channels into q and k of ", heads, " heads");
+  multiply_adds() += batch * height * width * (qk * (channels + 9) + dim * d + qk);
+  const torch::Tensor xc = x.contiguous();
+  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
+  const torch::Tensor win = w_qk.contiguous(), wdw = w_dw.contiguous();
+  const auto options = x.options().memory_format(torch::MemoryFormat::Contiguous);
+  torch::Tensor gram = torch::zeros({batch, heads, d, d}, options);
+  torch::Tensor q_norm = torch::zeros({batch, heads, d}, options), k_norm = torch::zeros({batch, heads, d}, options);
+  if (x.numel() == 0) return {gram, q_norm, k_norm};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_attention_gram", [&] {
+    using T = scalar_t;
     using Fused = detail::NormPointwiseDepthwiseTile<T>;
-    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, hidden2);
+    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, qk);
     const auto count = static_cast<int64_t>(tiles.size());
-    const Eigen::Map<const detail::ColMatrix<T>> out_t(wout.data_ptr<T>(), hidden, channels);
+    // Per tile: the heads' d x d Gram matrices, then the squared norms of q's and of k's rows.
+    const int64_t sums = heads * d * d + qk;
+    std::vector<double> partial(static_cast<size_t>(batch * count * sums));
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
       Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb),
-                  win.data_ptr<T>(), hidden2, wdw.data_ptr<T>(), eps);
-      detail::ColMatrix<T> gated, projected;
-      detail::Array<T> gate;
+                  win.data_ptr<T>(), qk, wdw.data_ptr<T>(), eps);
+      detail::ColMatrix<T> head;  // one head's q and k rows over the tile: pixels x 2d
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / count;
         const auto& tile = tiles[static_cast<size_t>(item % count)];
-        const int64_t cols = tile.c1 - tile.c0, len = (tile.r1 - tile.r0) * cols;
-        fused.compute(n, tile);
-        gated.resize(len, hidden);
-        gate.resize(len);
-        for (int64_t c = 0; c < hidden; ++c) {
-          fused.depthwise(c, gated.col(c).data(), cols);
-          fused.depthwise(c + hidden, gate.data(), cols);
-          gated.col(c).array() = detail::gelu(gated.col(c).array()) * gate;
-        }
-        // The product accumulates onto the residual (len x C), which spares Eigen's zeroing of its output.
-        const T* src = xc.data_ptr<T>() + n * channels * pixels;
-        T* dst = y.data_ptr<T>() + n * channels * pixels;
-        projected.resize(len, channels);
-        for (int64_t c = 0; c < channels; ++c) {
-          for (int64_t r = tile.r0; r < tile.r1; ++r) {
-            const T* from = src + c * pixels + r * width + tile.c0;
-            std::copy(from, from + cols, projected.col(c).data() + (r - tile.r0) * cols);
+        const int64_t cols = tile.c1 - tile.c0;
+        fused.compute(item / count, tile);
+        fused.expand(0, qk, 0);
+        head.resize((tile.r1 - tile.r0) * cols, 2 * d);
+        double* out = partial.data() + item * sums;
+        for (int64_t h = 0; h < heads; ++h) {
+          for (int64_t i = 0; i < d; ++i) {
+            fused.depthwise(h * d + i, h * d + i, head.col(i).data(), cols);
+            fused.depthwise(dim + h * d + i, dim + h * d + i, head.col(d + i).data(), cols);
           }
-        }
-        projected.noalias() += gated * out_t;
-        for (int64_t c = 0; c < channels; ++c) {
-          for (int64_t r = tile.r0; r < tile.r1; ++r) {
-            const T* from = projected.col(c).data() + (r - tile.r0) * cols;
-            std::copy(from, from + cols, dst + c * pixels + r * width + tile.c0);
+          for (int64_t i = 0; i < d; ++i) {
+            for (int64_t j = 0; j < d; ++j) out[(h * d + i) * d + j] = head.col(i).dot(head.col(d + j));
+            out[heads * d * d + h * d + i] = head.col(i).squaredNorm();
+            out[heads * d * d + dim + h * d + i] = head.col(d + i).squaredNorm();
           }
         }
       }
     });
+    for (int64_t n = 0; n < batch; ++n) {
+      std::vector<double> total(static_cast<size_t>(sums), 0.0);
+      for (int64_t t = 0; t < count; ++t) {
+        const double* part = partial.data() + (n * count + t) * sums;
+        for (int64_t e = 0; e < sums; ++e) total[static_cast<size_t>(e)] += part[e];
+      }
+      T* g = gram.data_ptr<T>() + n * heads * d * d;
+      T* qn = q_norm.data_ptr<T>() + n * dim;
+      T* kn = k_norm.data_ptr<T>() + n * dim;
+      for (int64_t e = 0; e < heads * d * d; ++e) g[e] = static_cast<T>(total[static_cast<size_t>(e)]);
+      for (int64_t e = 0; e < dim; ++e) {
+        qn[e] = static_cast<T>(std::sqrt(total[static_cast<size_t>(heads * d * d + e)]));
+        kn[e] = static_cast<T>(std::sqrt(total[static_cast<size_t>(heads * d * d + dim + e)]));
+      }
+    }
+  });
+  return {gram, q_norm, k_norm};
+}
+
+/// The output of a Restormer channel attention with its residual, x + M_n v with v = dwconv3x3(W_v LN(x)), in
+/// one pass over cache-sized tiles (inference only): v never leaves the cache. M_n = W_proj blockdiag(attn_n)
+/// folds image n's attention matrices and the output projection into one C x C matrix (nn::attention_mixing).
+/// x: N x C x H x W; ln_w, ln_b: C; w_v: C x C x 1 x 1; w_dw: C x 1 x 3 x 3; mixing: N x C x C. Undefined ln_w
+/// and ln_b: without the LayerNorm.
+inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
+                                      const torch::Tensor& w_v, const torch::Tensor& w_dw, const torch::Tensor& mixing,
+                                      double eps) {
+  RECORD_FUNCTION("tdfusion::attention_output", std::vector<c10::IValue>());
+  detail::check_block_weights(x, ln_w, ln_b, w_v, w_dw);
+  const int64_t batch = x.size(0), channels = x.size(1);
+  TORCH_CHECK(w_v.size(0) == channels && mixing.dim() == 3 && mixing.size(0) == batch && mixing.size(1) == channels &&
+                  mixing.size(2) == channels && mixing.scalar_type() == x.scalar_type(),
+              "tdfusion: attention_output kernel got value weight ", w_v.sizes(), " and mixing matrices ",
+              mixing.sizes(), " for input ", x.sizes());
+  multiply_adds() += batch * x.size(2) * x.size(3) * channels * (2 * channels + 9);
+  const torch::Tensor xc = x.contiguous();
+  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
+  const torch::Tensor win = w_v.contiguous(), wdw = w_dw.contiguous(), mc = mixing.contiguous();
+  torch::Tensor y = detail::new_like(x);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_attention_output", [&] {
+    using T = scalar_t;
+    auto values = [channels](auto& fused, detail::ColMatrix<T>& out, detail::Array<T>&, int64_t cols) {
+      fused.expand(0, channels, 0);
+      for (int64_t c = 0; c < channels; ++c) fused.depthwise(c, c, out.col(c).data(), cols);
+    };
+    const T* matrices = mc.data_ptr<T>();
+    detail::residual_tiles<T>(xc, lw, lb, win, wdw, eps, channels, values,
+                              [&](int64_t n) { return matrices + n * channels * channels; }, y);
   });
   return y;
 }

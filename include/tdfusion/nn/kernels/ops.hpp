@@ -9,12 +9,13 @@
 //   recorded (create_graph, as in the meta step's inner step), differentiable LibTorch ops for the same
 //   gradient; gelu_gate's recorded backward is itself a function of that kind (a fused kernel for the meta
 //   step's outer pass, differentiable ops for a third derivative).
-// For inference (no gradient wanted) a transformer block runs two fused kernels instead, LayerNorm + 1x1 +
-// depthwise convolution before the attention and the whole feed-forward half, over cache-sized tiles processed
-// in parallel. Dense convolutions keep LibTorch's oneDNN kernels, which outran an im2col + Eigen GEMM version
-// here (see README, Performance); conv_same only rewrites their recorded backward (an ordinary one stays
-// LibTorch's), because LibTorch 1.13 differentiates a convolution's gradient through a transposed convolution
-// that runs as a single-threaded im2col + netlib GEMM.
+// For inference (no gradient wanted) a transformer block runs three fused kernels instead, over cache-sized
+// tiles processed in parallel: the attention's Gram matrices from LayerNorm + 1x1 + depthwise convolution (q and
+// k never stored), its output with the residual (v never stored), and the whole feed-forward half. Dense
+// convolutions keep LibTorch's oneDNN kernels, which outran an im2col + Eigen GEMM version here (see README,
+// Performance); conv_same only rewrites their recorded backward (an ordinary one stays LibTorch's), because
+// LibTorch 1.13 differentiates a convolution's gradient through a transposed convolution that runs as a
+// single-threaded im2col + netlib GEMM.
 // FastKernels(false) switches the fast path off (for comparisons: the tests and benchmarks measure against it).
 
 #include "tdfusion/nn/kernels/cpu.hpp"
@@ -366,6 +367,26 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
                                         double eps = 1e-5) {
   detail::check_fusable("feed_forward_block", ln_w, ln_b, {&x, &w_in, &w_dw, &w_out});
   return kernels::feed_forward_block(x, ln_w, ln_b, w_in, w_dw, w_out, eps);
+}
+
+/// {gram, |q|, |k|} of a Restormer attention's q and k = the channel halves of dwconv3x3(W_qk LN(x)), per head
+/// (kernels::attention_gram; undefined ln_w and ln_b: no LayerNorm): what nn::attention_matrix needs, without
+/// q and k ever stored. Only where inference_fusable holds.
+inline std::vector<torch::Tensor> attention_gram(const torch::Tensor& x, const torch::Tensor& ln_w,
+                                                 const torch::Tensor& ln_b, const torch::Tensor& w_qk,
+                                                 const torch::Tensor& w_dw, int64_t heads, double eps = 1e-5) {
+  detail::check_fusable("attention_gram", ln_w, ln_b, {&x, &w_qk, &w_dw});
+  return kernels::attention_gram(x, ln_w, ln_b, w_qk, w_dw, heads, eps);
+}
+
+/// x + M_n dwconv3x3(W_v LN(x)): a Restormer attention's output with its residual, for image n's mixing matrix
+/// M_n (nn::attention_mixing), in one pass (kernels::attention_output; undefined ln_w and ln_b: no LayerNorm).
+/// Only where inference_fusable holds.
+inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
+                                      const torch::Tensor& w_v, const torch::Tensor& w_dw, const torch::Tensor& mixing,
+                                      double eps = 1e-5) {
+  detail::check_fusable("attention_output", ln_w, ln_b, {&x, &w_v, &w_dw, &mixing});
+  return kernels::attention_output(x, ln_w, ln_b, w_v, w_dw, mixing, eps);
 }
 
 /// dwconv3x3(W_in LN(x)): a Restormer attention's q, k, v in one pass (kernels::norm_pointwise_depthwise;
