@@ -767,6 +767,28 @@ inline void check_block_weights(const torch::Tensor& x, const torch::Tensor& ln_
 template <class T>
 const T* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
+/// A fused block kernel's input and weights, checked and contiguous (ln_w and ln_b undefined: no LayerNorm).
+struct BlockInputs {
+  torch::Tensor x, ln_w, ln_b, w_in, w_dw;
+
+  BlockInputs(const torch::Tensor& x_, const torch::Tensor& ln_w_, const torch::Tensor& ln_b_,
+              const torch::Tensor& w_in_, const torch::Tensor& w_dw_) {
+    check_block_weights(x_, ln_w_, ln_b_, w_in_, w_dw_);
+    x = x_.contiguous();
+    ln_w = ln_w_.defined() ? ln_w_.contiguous() : ln_w_;
+    ln_b = ln_b_.defined() ? ln_b_.contiguous() : ln_b_;
+    w_in = w_in_.contiguous();
+    w_dw = w_dw_.contiguous();
+  }
+
+  /// A tile evaluator of dwconv3x3(W_in LN(x)) over them (one per thread: it owns its buffers).
+  template <class T>
+  NormPointwiseDepthwiseTile<T> tile(double eps) const {
+    return {x.data_ptr<T>(), x.size(1), x.size(2), x.size(3), data_or_null<T>(ln_w), data_or_null<T>(ln_b),
+            w_in.data_ptr<T>(), w_in.size(0), w_dw.data_ptr<T>(), eps};
+  }
+};
+
 }  // namespace detail
 
 /// dwconv3x3(W_in LN(x)): the q, k, v of a Restormer attention, in one pass over cache-sized tiles (inference
@@ -776,12 +798,9 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
                                               const torch::Tensor& ln_b, const torch::Tensor& w_in,
                                               const torch::Tensor& w_dw, double eps) {
   RECORD_FUNCTION("tdfusion::norm_pointwise_depthwise", std::vector<c10::IValue>());
-  detail::check_block_weights(x, ln_w, ln_b, w_in, w_dw);
+  const detail::BlockInputs in(x, ln_w, ln_b, w_in, w_dw);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3), out = w_in.size(0);
   multiply_adds() += batch * height * width * out * (channels + 9);
-  const torch::Tensor xc = x.contiguous();
-  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
-  const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous();
   torch::Tensor y = torch::empty({batch, out, height, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_norm_pointwise_depthwise", [&] {
@@ -790,8 +809,7 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
     const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, out);
     const auto count = static_cast<int64_t>(tiles.size());
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb),
-                  win.data_ptr<T>(), out, wdw.data_ptr<T>(), eps);
+      Fused fused = in.tile<T>(eps);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / count;
         const auto& tile = tiles[static_cast<size_t>(item % count)];
@@ -811,19 +829,18 @@ namespace detail {
 /// y = x + P_n f(dwconv3x3(W_in LN(x))) for each image n, over the tiles of NormPointwiseDepthwiseTile (the
 /// residual half of a fused block): mix(fused, f, scratch, cols) writes f of the tile's W_in channels into the
 /// `hidden` columns of f (tile pixels x hidden), and the projection P_n = projection(n) (C x hidden, row-major)
-/// adds them to x's window as it writes y's. xc: contiguous N x C x H x W; y: a tensor of its shape.
+/// adds them to x's window as it writes y's. y: a tensor of x's shape.
 template <class T, class Mix, class Projection>
-void residual_tiles(const torch::Tensor& xc, const torch::Tensor& lw, const torch::Tensor& lb, const torch::Tensor& win,
-                    const torch::Tensor& wdw, double eps, int64_t hidden, const Mix& mix, const Projection& projection,
+void residual_tiles(const BlockInputs& in, double eps, int64_t hidden, const Mix& mix, const Projection& projection,
                     torch::Tensor& y) {
   using Fused = NormPointwiseDepthwiseTile<T>;
+  const torch::Tensor& xc = in.x;
   const int64_t batch = xc.size(0), channels = xc.size(1), height = xc.size(2), width = xc.size(3);
-  const int64_t pixels = height * width, expanded = win.size(0);
-  const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, expanded);
+  const int64_t pixels = height * width;
+  const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, in.w_in.size(0));
   const auto count = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-    Fused fused(xc.data_ptr<T>(), channels, height, width, data_or_null<T>(lw), data_or_null<T>(lb), win.data_ptr<T>(),
-                expanded, wdw.data_ptr<T>(), eps);
+    Fused fused = in.tile<T>(eps);
     ColMatrix<T> mixed;
     Array<T> scratch;
     for (int64_t item = begin; item < end; ++item) {
@@ -852,15 +869,13 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
                                         const torch::Tensor& w_in, const torch::Tensor& w_dw,
                                         const torch::Tensor& w_out, double eps) {
   RECORD_FUNCTION("tdfusion::feed_forward_block", std::vector<c10::IValue>());
-  detail::check_block_weights(x, ln_w, ln_b, w_in, w_dw);
+  const detail::BlockInputs in(x, ln_w, ln_b, w_in, w_dw);
   const int64_t channels = x.size(1), hidden2 = w_in.size(0), hidden = hidden2 / 2;
   TORCH_CHECK(hidden2 == 2 * hidden && w_out.size(0) == channels && w_out.size(1) == hidden,
               "tdfusion: feed_forward_block kernel got output weight ", w_out.sizes(), " for ", channels,
               " channels and ", hidden2, " hidden ones");
   multiply_adds() += x.size(0) * x.size(2) * x.size(3) * (hidden2 * (channels + 9) + channels * hidden);
-  const torch::Tensor xc = x.contiguous();
-  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
-  const torch::Tensor win = w_in.contiguous(), wdw = w_dw.contiguous(), wout = w_out.contiguous();
+  const torch::Tensor wout = w_out.contiguous();
   torch::Tensor y = detail::new_like(x);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_feed_forward_block", [&] {
@@ -879,7 +894,7 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
         }
       }
     };
-    detail::residual_tiles<T>(xc, lw, lb, win, wdw, eps, hidden, gated, [&](int64_t) { return wout.data_ptr<T>(); }, y);
+    detail::residual_tiles<T>(in, eps, hidden, gated, [&](int64_t) { return wout.data_ptr<T>(); }, y);
   });
   return y;
 }
@@ -893,15 +908,12 @@ inline std::vector<torch::Tensor> attention_gram(const torch::Tensor& x, const t
                                                  const torch::Tensor& ln_b, const torch::Tensor& w_qk,
                                                  const torch::Tensor& w_dw, int64_t heads, double eps) {
   RECORD_FUNCTION("tdfusion::attention_gram", std::vector<c10::IValue>());
-  detail::check_block_weights(x, ln_w, ln_b, w_qk, w_dw);
+  const detail::BlockInputs in(x, ln_w, ln_b, w_qk, w_dw);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t qk = w_qk.size(0), dim = qk / 2, d = heads > 0 ? dim / heads : 0;
   TORCH_CHECK(qk == 2 * dim && heads > 0 && dim == heads * d, "tdfusion: attention_gram kernel cannot split ", qk,
               " channels into q and k of ", heads, " heads");
   multiply_adds() += batch * height * width * (qk * (channels + 9) + dim * d + qk);
-  const torch::Tensor xc = x.contiguous();
-  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
-  const torch::Tensor win = w_qk.contiguous(), wdw = w_dw.contiguous();
   const auto options = x.options().memory_format(torch::MemoryFormat::Contiguous);
   torch::Tensor gram = torch::zeros({batch, heads, d, d}, options);
   torch::Tensor q_norm = torch::zeros({batch, heads, d}, options), k_norm = torch::zeros({batch, heads, d}, options);
@@ -915,8 +927,7 @@ inline std::vector<torch::Tensor> attention_gram(const torch::Tensor& x, const t
     const int64_t sums = heads * d * d + qk;
     std::vector<double> partial(static_cast<size_t>(batch * count * sums));
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-      Fused fused(xc.data_ptr<T>(), channels, height, width, detail::data_or_null<T>(lw), detail::data_or_null<T>(lb),
-                  win.data_ptr<T>(), qk, wdw.data_ptr<T>(), eps);
+      Fused fused = in.tile<T>(eps);
       detail::ColMatrix<T> head;  // one head's q and k rows over the tile: pixels x 2d
       for (int64_t item = begin; item < end; ++item) {
         const auto& tile = tiles[static_cast<size_t>(item % count)];
@@ -966,16 +977,14 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
                                       const torch::Tensor& w_v, const torch::Tensor& w_dw, const torch::Tensor& mixing,
                                       double eps) {
   RECORD_FUNCTION("tdfusion::attention_output", std::vector<c10::IValue>());
-  detail::check_block_weights(x, ln_w, ln_b, w_v, w_dw);
+  const detail::BlockInputs in(x, ln_w, ln_b, w_v, w_dw);
   const int64_t batch = x.size(0), channels = x.size(1);
   TORCH_CHECK(w_v.size(0) == channels && mixing.dim() == 3 && mixing.size(0) == batch && mixing.size(1) == channels &&
                   mixing.size(2) == channels && mixing.scalar_type() == x.scalar_type(),
               "tdfusion: attention_output kernel got value weight ", w_v.sizes(), " and mixing matrices ",
               mixing.sizes(), " for input ", x.sizes());
   multiply_adds() += batch * x.size(2) * x.size(3) * channels * (2 * channels + 9);
-  const torch::Tensor xc = x.contiguous();
-  const torch::Tensor lw = ln_w.defined() ? ln_w.contiguous() : ln_w, lb = ln_b.defined() ? ln_b.contiguous() : ln_b;
-  const torch::Tensor win = w_v.contiguous(), wdw = w_dw.contiguous(), mc = mixing.contiguous();
+  const torch::Tensor mc = mixing.contiguous();
   torch::Tensor y = detail::new_like(x);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_attention_output", [&] {
@@ -985,8 +994,7 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
       for (int64_t c = 0; c < channels; ++c) fused.depthwise(c, c, out.col(c).data(), cols);
     };
     const T* matrices = mc.data_ptr<T>();
-    detail::residual_tiles<T>(xc, lw, lb, win, wdw, eps, channels, values,
-                              [&](int64_t n) { return matrices + n * channels * channels; }, y);
+    detail::residual_tiles<T>(in, eps, channels, values, [&](int64_t n) { return matrices + n * channels * channels; }, y);
   });
   return y;
 }
