@@ -281,9 +281,10 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       CHECK(relative_error(block, x + ops::conv1x1(ops::gelu_gate(expanded), w_out)) < 1e-5);
     }
   }
-  // An attention's Gram matrices and norms (3 heads of q and k rows), and its output for given mixing matrices,
-  // in float and double, with 6 channels (a register block of 4 outputs and two single ones) on rows of 1 to 4
-  // vectors and a remainder of pixels.
+  // An attention's Gram matrices and norms (3 heads of q and k rows), a cross attention's, and an attention's
+  // output for given mixing matrices, also into channels of a larger tensor, in float and double, with 6
+  // channels (a register block of 4 outputs and two single ones) on rows of 1 to 4 vectors and a remainder of
+  // pixels.
   for (const auto type : {torch::kFloat, torch::kDouble}) {
     for (const int64_t width : {5, 60, 150}) {
       CAPTURE(type);
@@ -296,6 +297,17 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       const torch::Tensor w_qk = torch::randn({12, 6, 1, 1}, options) * 0.3, w_qk_dw = torch::randn({12, 1, 3, 3}, options) * 0.3;
       const torch::Tensor output = ops::attention_output(x, lw, lb, w_v, w_dw, mixing);
       const std::vector<torch::Tensor> sums = ops::attention_gram(x, lw, lb, w_qk, w_qk_dw, 3);
+      const torch::Tensor x2 = torch::randn_like(x), w_qk2 = torch::randn_like(w_qk) * 0.3;
+      const torch::Tensor w_qk2_dw = torch::randn_like(w_qk_dw) * 0.3;
+      const std::vector<torch::Tensor> cross = ops::cross_attention_gram(x, w_qk, w_qk_dw, x2, w_qk2, w_qk2_dw, 3);
+      const torch::Tensor larger = torch::full({2, 10, 40, width}, std::nan(""), options);
+      const torch::Tensor written = ops::attention_output(x, lw, lb, w_v, w_dw, mixing, larger.narrow(1, 3, 6));
+      CHECK(written.data_ptr() == larger.narrow(1, 3, 6).data_ptr());
+      CHECK(torch::equal(written, output));
+      CHECK(torch::cat({larger.narrow(1, 0, 3), larger.narrow(1, 9, 1)}, 1).isnan().all().item<bool>());
+      CHECK_THROWS_WITH_AS(ops::attention_output(x, lw, lb, w_v, w_dw, mixing, larger.narrow(1, 0, 5)),
+                           doctest::Contains("cannot write its [2, 6, 40, "),
+                           c10::Error);
       const ops::FastKernels off(false);
       const double tolerance = type == torch::kFloat ? 1e-5 : 1e-12;
       const torch::Tensor normed = ops::channel_layer_norm(x, lw, lb);
@@ -305,6 +317,15 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       CHECK(relative_error(sums[0], torch::matmul(qk[0], qk[1].transpose(-1, -2))) < tolerance);
       CHECK(relative_error(sums[1], qk[0].norm(2, -1)) < tolerance);
       CHECK(relative_error(sums[2], qk[1].norm(2, -1)) < tolerance);
+
+      const auto qk1 = ops::depthwise3x3(ops::conv1x1(x, w_qk), w_qk_dw).view({2, 2, 3, 2, -1}).unbind(1);
+      const auto qk2 = ops::depthwise3x3(ops::conv1x1(x2, w_qk2), w_qk2_dw).view({2, 2, 3, 2, -1}).unbind(1);
+      CHECK(relative_error(cross[0], torch::matmul(qk2[0], qk1[1].transpose(-1, -2))) < tolerance);
+      CHECK(relative_error(cross[1], torch::matmul(qk1[0], qk2[1].transpose(-1, -2))) < tolerance);
+      CHECK(relative_error(cross[2], qk1[0].norm(2, -1)) < tolerance);
+      CHECK(relative_error(cross[3], qk1[1].norm(2, -1)) < tolerance);
+      CHECK(relative_error(cross[4], qk2[0].norm(2, -1)) < tolerance);
+      CHECK(relative_error(cross[5], qk2[1].norm(2, -1)) < tolerance);
     }
   }
   CHECK_THROWS_WITH_AS(ops::feed_forward_block(torch::randn({1, 8, 4, 4}), torch::rand({8}), torch::Tensor(),

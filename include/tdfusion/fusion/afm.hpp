@@ -34,8 +34,7 @@ class AfmImpl : public torch::nn::Module {
   /// x1, x2: N x dim x H x W features of the two modalities; returns N x 2dim x H x W.
   torch::Tensor forward_with(const ParamView& p, torch::Tensor x1, torch::Tensor x2) const {
     const bool fused = fusable(p, x1, x2);
-    // Moved into the fused path, so that x1 and x2 are freed with the attention's intermediates before the
-    // gated half.
+    // Moved into the fused path, so that each input is freed as soon as its half of the output is written.
     const torch::Tensor out = fused ? fused_cross_attention(p, std::move(x1), std::move(x2)) : cross_attention(p, x1, x2);
     const GatedWeights w = gated_weights(p);
     const torch::Tensor none;  // no LayerNorm before the fused kernel here
@@ -59,30 +58,40 @@ class AfmImpl : public torch::nn::Module {
         1);
   }
 
-  /// cross_attention on the fused inference path: both modalities' q and k first (freed once the two attention
-  /// matrices are made), then each output with its residual (ops::attention_output; v never stored).
+  /// cross_attention on the fused inference path: the two attention matrices from one pass over both inputs
+  /// (ops::cross_attention_gram; under an AttentionTiling hook, which needs q and k themselves, those are made),
+  /// then each half of the output with its residual (ops::attention_output): none of q, k and v stored.
   torch::Tensor fused_cross_attention(const ParamView& p, torch::Tensor x1, torch::Tensor x2) const {
     const torch::Tensor none;  // no LayerNorm here
     const int64_t d = x1.size(1);
-    auto channels = [&](const std::string& name, const torch::Tensor& x, int64_t first, int64_t count) {
-      return nn::norm_pointwise_depthwise_channels(x, none, none, p[name + ".weight"], p[name + "_dwconv.weight"],
-                                                   first, count);
+    const auto qk = [&](const std::string& name) {
+      return std::make_pair(p[name + ".weight"].narrow(0, 0, 2 * d), p[name + "_dwconv.weight"].narrow(0, 0, 2 * d));
     };
+    const auto [w1, dw1] = qk("qkv1");
+    const auto [w2, dw2] = qk("qkv2");
     torch::Tensor matrix1, matrix2;
-    {
-      const auto qk1 = channels("qkv1", x1, 0, 2 * d).chunk(2, 1), qk2 = channels("qkv2", x2, 0, 2 * d).chunk(2, 1);
+    if (nn::AttentionTiling::active() != nullptr) {
+      const auto qk1 = nn::ops::norm_pointwise_depthwise(x1, none, none, w1, dw1).chunk(2, 1);
+      const auto qk2 = nn::ops::norm_pointwise_depthwise(x2, none, none, w2, dw2).chunk(2, 1);
       matrix1 = nn::attention_matrix(qk2[0], qk1[1], p["temperature1"], heads_);
       matrix2 = nn::attention_matrix(qk1[0], qk2[1], p["temperature2"], heads_);
+    } else {
+      // {q2 k1^T, q1 k2^T, |q1|, |k1|, |q2|, |k2|}
+      const auto sums = nn::ops::cross_attention_gram(x1, w1, dw1, x2, w2, dw2, heads_);
+      matrix1 = nn::attention_matrix(sums[0], sums[4], sums[3], p["temperature1"]);
+      matrix2 = nn::attention_matrix(sums[1], sums[2], sums[5], p["temperature2"]);
     }
-    auto output = [&](const std::string& name, const torch::Tensor& x, const torch::Tensor& matrix,
-                      const std::string& projection) {
-      return nn::ops::attention_output(x, none, none, p[name + ".weight"].narrow(0, 2 * d, d),
-                                       p[name + "_dwconv.weight"].narrow(0, 2 * d, d),
-                                       nn::attention_mixing(matrix, p[projection + ".weight"]));
+    torch::Tensor out = torch::empty({x1.size(0), 2 * d, x1.size(2), x1.size(3)}, x1.options());
+    auto output = [&](const std::string& name, torch::Tensor x, const torch::Tensor& matrix,
+                      const std::string& projection, int64_t first) {
+      nn::ops::attention_output(x, none, none, p[name + ".weight"].narrow(0, 2 * d, d),
+                                p[name + "_dwconv.weight"].narrow(0, 2 * d, d),
+                                nn::attention_mixing(matrix, p[projection + ".weight"]), out.narrow(1, first, d));
     };
-    // Each input is freed as soon as its output is made.
-    const torch::Tensor out1 = output("qkv1", std::exchange(x1, {}), matrix1, "project_mid1");
-    return torch::cat({out1, output("qkv2", std::exchange(x2, {}), matrix2, "project_mid2")}, 1);
+    // Each input is freed as soon as its half of the output is written.
+    output("qkv1", std::move(x1), matrix1, "project_mid1", 0);
+    output("qkv2", std::move(x2), matrix2, "project_mid2", d);
+    return out;
   }
 
   /// Inference on CPU (ops::inference_fusable), where the fused block kernels compute the same function.

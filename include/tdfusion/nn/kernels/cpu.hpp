@@ -13,7 +13,8 @@
 //                        backward and the backward of that
 //   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
 //   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over cache-sized tiles (inference only)
-//   attention_gram       the Gram matrices and row norms of an attention's q and k = dwconv3x3(W_qk LN(x)), likewise
+//   attention_gram       the Gram matrices and row norms of an attention's q and k = dwconv3x3(W_qk LN(x)), likewise;
+//                        cross_attention_gram: those of both attentions of a cross attention between two inputs
 //   attention_output     x + M dwconv3x3(W_v LN(x)), an attention's output for given matrices M, likewise
 //                        (all four also without the LayerNorm, as in ReFusion's fusion module)
 //
@@ -656,13 +657,13 @@ class NormPointwiseDepthwiseTile {
       : x_(x), channels_(channels), height_(height), width_(width), ln_w_(ln_w), ln_b_(ln_b),
         w_in_(w_in), out_channels_(out_channels), w_dw_(w_dw), eps_(eps) {}
 
-  /// The tiles of an image: about 2^18 / out_channels pixels each, so the out_channels-wide buffer is about
-  /// 1 MB (the L2 cache; larger tiles measured slower here), but at least 2048, as the recomputed halo of
-  /// smaller tiles cost more than the cache misses of ReFusion's 256-channel fusion-module block; nearly square,
-  /// so the halo stays small, and a whole number of 64-byte vectors wide, so the depthwise rows need no
-  /// remainder loop.
-  static std::vector<Tile> tiles(int64_t height, int64_t width, int64_t out_channels) {
-    const double area = static_cast<double>(std::max<int64_t>(2048, (1 << 18) / std::max<int64_t>(1, out_channels)));
+  /// The tiles of an image: about 2048 pixels each (8 KB a float plane, so that the gathered input, the
+  /// planes expanded at a time and a caller's mixed planes stay in L2), nearly square, so the halo stays small,
+  /// and a whole number of 64-byte vectors wide, so the depthwise rows need no remainder loop. Measured on every
+  /// fused kernel of ReFusion (16 to 256 expanded channels): 2560 pixels were 7-15 % slower, 1536 slower still,
+  /// and the Gram and output passes 13-26 % slower at the 4096-16384 pixels of a per-channel rule.
+  static std::vector<Tile> tiles(int64_t height, int64_t width) {
+    const double area = 2048;
     const int64_t lanes = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T)));
     const int64_t cols = std::max<int64_t>(lanes, std::llround(std::sqrt(area) / lanes) * lanes);
     const int64_t rows = std::max<int64_t>(8, static_cast<int64_t>(area) / (cols + 2) - 2);
@@ -806,7 +807,7 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_norm_pointwise_depthwise", [&] {
     using T = scalar_t;
     using Fused = detail::NormPointwiseDepthwiseTile<T>;
-    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, out);
+    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width);
     const auto count = static_cast<int64_t>(tiles.size());
     at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
       Fused fused = in.tile<T>(eps);
@@ -829,7 +830,7 @@ namespace detail {
 /// y = x + P_n f(dwconv3x3(W_in LN(x))) for each image n, over the tiles of NormPointwiseDepthwiseTile (the
 /// residual half of a fused block): mix(fused, f, scratch, cols) writes f of the tile's W_in channels into the
 /// `hidden` columns of f (tile pixels x hidden), and the projection P_n = projection(n) (C x hidden, row-major)
-/// adds them to x's window as it writes y's. y: a tensor of x's shape.
+/// adds them to x's window as it writes y's. y: a block-contiguous tensor of x's shape.
 template <class T, class Mix, class Projection>
 void residual_tiles(const BlockInputs& in, double eps, int64_t hidden, const Mix& mix, const Projection& projection,
                     torch::Tensor& y) {
@@ -837,7 +838,7 @@ void residual_tiles(const BlockInputs& in, double eps, int64_t hidden, const Mix
   const torch::Tensor& xc = in.x;
   const int64_t batch = xc.size(0), channels = xc.size(1), height = xc.size(2), width = xc.size(3);
   const int64_t pixels = height * width;
-  const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, in.w_in.size(0));
+  const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width);
   const auto count = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
     Fused fused = in.tile<T>(eps);
@@ -850,10 +851,10 @@ void residual_tiles(const BlockInputs& in, double eps, int64_t hidden, const Mix
       fused.compute(n, tile);
       mixed.resize((tile.r1 - tile.r0) * cols, hidden);
       mix(fused, mixed, scratch, cols);
-      const int64_t offset = n * channels * pixels + tile.r0 * width + tile.c0;
+      const int64_t offset = tile.r0 * width + tile.c0;
       pointwise<T>({mixed.data(), mixed.rows(), cols}, hidden, projection(n), channels,
-                   {xc.data_ptr<T>() + offset, pixels, width}, {y.data_ptr<T>() + offset, pixels, width},
-                   tile.r1 - tile.r0, cols);
+                   {xc.data_ptr<T>() + n * xc.stride(0) + offset, pixels, width},
+                   {y.data_ptr<T>() + n * y.stride(0) + offset, pixels, width}, tile.r1 - tile.r0, cols);
     }
   });
 }
@@ -899,83 +900,152 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
   return y;
 }
 
+namespace detail {
+
+/// The per-head Gram matrices q_a k_b^T for the source pairs (a, b) in `pairs`, and the row norms |q_s|, |k_s|
+/// of every source s, where source s's q and k are the channel halves of dwconv3x3(W_qk LN(x)) of sources[s]
+/// (inputs of one shape, weights of one shape), in one pass over cache-sized tiles: q and k never leave the
+/// cache. Sums over a tile are taken in T, over tiles in double. Returns the Gram matrices (N x heads x d x d),
+/// one per pair, then |q_s| and |k_s| (N x heads x d) of each source in turn.
+template <class T>
+std::vector<torch::Tensor> attention_gram_pass(const std::vector<BlockInputs>& sources,
+                                               const std::vector<std::pair<size_t, size_t>>& pairs, int64_t heads,
+                                               double eps) {
+  const torch::Tensor& x = sources.front().x;
+  const int64_t batch = x.size(0), height = x.size(2), width = x.size(3);
+  const int64_t qk = sources.front().w_in.size(0), dim = qk / 2, d = heads > 0 ? dim / heads : 0;
+  TORCH_CHECK(qk == 2 * dim && heads > 0 && dim == heads * d, "tdfusion: attention_gram kernel cannot split ", qk,
+              " channels into q and k of ", heads, " heads");
+  for (const BlockInputs& source : sources) {
+    TORCH_CHECK(source.x.sizes() == x.sizes() && source.w_in.size(0) == qk, "tdfusion: attention_gram kernel got inputs ",
+                x.sizes(), " and ", source.x.sizes(), " with ", qk, " and ", source.w_in.size(0), " channels of q and k");
+    multiply_adds() += batch * height * width * qk * (source.x.size(1) + 10);
+  }
+  multiply_adds() += batch * height * width * static_cast<int64_t>(pairs.size()) * dim * d;
+  const auto options = x.options().memory_format(torch::MemoryFormat::Contiguous);
+  std::vector<torch::Tensor> results;
+  for (size_t i = 0; i < pairs.size() + 2 * sources.size(); ++i) {
+    results.push_back(i < pairs.size() ? torch::zeros({batch, heads, d, d}, options) : torch::zeros({batch, heads, d}, options));
+  }
+  if (x.numel() == 0) return results;
+  using Fused = NormPointwiseDepthwiseTile<T>;
+  const auto source_count = static_cast<int64_t>(sources.size());
+  const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width);
+  const auto count = static_cast<int64_t>(tiles.size());
+  // Per tile: each pair's heads' d x d Gram matrices, then the squared norms of each source's q and k rows.
+  const int64_t grams = static_cast<int64_t>(pairs.size()) * heads * d * d, sums = grams + source_count * qk;
+  std::vector<double> partial(static_cast<size_t>(batch * count * sums));
+  at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Fused> fused;
+    for (const BlockInputs& source : sources) fused.push_back(source.tile<T>(eps));
+    ColMatrix<T> head;  // one head's q and k rows of each source over the tile: pixels x (sources 2d)
+    // Columns of source s's q row i and k row i of the head.
+    auto q_col = [&](size_t s, int64_t i) { return head.col(static_cast<int64_t>(s) * 2 * d + i); };
+    auto k_col = [&](size_t s, int64_t i) { return head.col(static_cast<int64_t>(s) * 2 * d + d + i); };
+    for (int64_t item = begin; item < end; ++item) {
+      const auto& tile = tiles[static_cast<size_t>(item % count)];
+      const int64_t cols = tile.c1 - tile.c0;
+      for (Fused& source : fused) {
+        source.compute(item / count, tile);
+        source.expand(0, qk, 0);
+      }
+      head.resize((tile.r1 - tile.r0) * cols, source_count * 2 * d);
+      double* out = partial.data() + item * sums;
+      for (int64_t h = 0; h < heads; ++h) {
+        for (size_t s = 0; s < fused.size(); ++s) {
+          for (int64_t i = 0; i < d; ++i) {
+            fused[s].depthwise(h * d + i, h * d + i, q_col(s, i).data(), cols);
+            fused[s].depthwise(dim + h * d + i, dim + h * d + i, k_col(s, i).data(), cols);
+          }
+        }
+        for (size_t p = 0; p < pairs.size(); ++p) {
+          for (int64_t i = 0; i < d; ++i) {
+            for (int64_t j = 0; j < d; ++j) {
+              out[((static_cast<int64_t>(p) * heads + h) * d + i) * d + j] = q_col(pairs[p].first, i).dot(k_col(pairs[p].second, j));
+            }
+          }
+        }
+        for (size_t s = 0; s < fused.size(); ++s) {
+          double* norms = out + grams + static_cast<int64_t>(s) * qk + h * d;
+          for (int64_t i = 0; i < d; ++i) {
+            norms[i] = q_col(s, i).squaredNorm();
+            norms[dim + i] = k_col(s, i).squaredNorm();
+          }
+        }
+      }
+    }
+  });
+  for (int64_t n = 0; n < batch; ++n) {
+    std::vector<double> total(static_cast<size_t>(sums), 0.0);
+    for (int64_t t = 0; t < count; ++t) {
+      const double* part = partial.data() + (n * count + t) * sums;
+      for (int64_t e = 0; e < sums; ++e) total[static_cast<size_t>(e)] += part[e];
+    }
+    for (size_t p = 0; p < pairs.size(); ++p) {
+      T* g = results[p].data_ptr<T>() + n * heads * d * d;
+      const double* sum = total.data() + static_cast<int64_t>(p) * heads * d * d;
+      for (int64_t e = 0; e < heads * d * d; ++e) g[e] = static_cast<T>(sum[e]);
+    }
+    for (size_t s = 0; s < sources.size(); ++s) {
+      const double* squares = total.data() + grams + static_cast<int64_t>(s) * qk;
+      T* qn = results[pairs.size() + 2 * s].data_ptr<T>() + n * dim;
+      T* kn = results[pairs.size() + 2 * s + 1].data_ptr<T>() + n * dim;
+      for (int64_t e = 0; e < dim; ++e) {
+        qn[e] = static_cast<T>(std::sqrt(squares[e]));
+        kn[e] = static_cast<T>(std::sqrt(squares[dim + e]));
+      }
+    }
+  }
+  return results;
+}
+
+}  // namespace detail
+
 /// The per-head Gram matrices q_h k_h^T and the row norms |q_c|, |k_c| of a Restormer attention's q and k, the
-/// channel halves of dwconv3x3(W_qk LN(x)), in one pass over cache-sized tiles (inference only): q and k never
-/// leave the cache. Sums over a tile are taken in the tensor's type, over tiles in double. x: N x C x H x W;
-/// ln_w, ln_b: C; w_qk: 2D x C x 1 x 1; w_dw: 2D x 1 x 3 x 3, heads dividing D. Returns {gram: N x heads x d x d,
-/// q_norm, k_norm: N x heads x d} (d = D / heads). Undefined ln_w and ln_b: without the LayerNorm.
+/// channel halves of dwconv3x3(W_qk LN(x)), in one pass over cache-sized tiles (inference only; see
+/// detail::attention_gram_pass). x: N x C x H x W; ln_w, ln_b: C; w_qk: 2D x C x 1 x 1; w_dw: 2D x 1 x 3 x 3,
+/// heads dividing D. Returns {gram: N x heads x d x d, q_norm, k_norm: N x heads x d} (d = D / heads).
+/// Undefined ln_w and ln_b: without the LayerNorm.
 inline std::vector<torch::Tensor> attention_gram(const torch::Tensor& x, const torch::Tensor& ln_w,
                                                  const torch::Tensor& ln_b, const torch::Tensor& w_qk,
                                                  const torch::Tensor& w_dw, int64_t heads, double eps) {
   RECORD_FUNCTION("tdfusion::attention_gram", std::vector<c10::IValue>());
-  const detail::BlockInputs in(x, ln_w, ln_b, w_qk, w_dw);
-  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t qk = w_qk.size(0), dim = qk / 2, d = heads > 0 ? dim / heads : 0;
-  TORCH_CHECK(qk == 2 * dim && heads > 0 && dim == heads * d, "tdfusion: attention_gram kernel cannot split ", qk,
-              " channels into q and k of ", heads, " heads");
-  multiply_adds() += batch * height * width * (qk * (channels + 9) + dim * d + qk);
-  const auto options = x.options().memory_format(torch::MemoryFormat::Contiguous);
-  torch::Tensor gram = torch::zeros({batch, heads, d, d}, options);
-  torch::Tensor q_norm = torch::zeros({batch, heads, d}, options), k_norm = torch::zeros({batch, heads, d}, options);
-  if (x.numel() == 0) return {gram, q_norm, k_norm};
+  const std::vector<detail::BlockInputs> sources{{x, ln_w, ln_b, w_qk, w_dw}};
+  std::vector<torch::Tensor> sums;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_attention_gram", [&] {
-    using T = scalar_t;
-    using Fused = detail::NormPointwiseDepthwiseTile<T>;
-    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width, qk);
-    const auto count = static_cast<int64_t>(tiles.size());
-    // Per tile: the heads' d x d Gram matrices, then the squared norms of q's and of k's rows.
-    const int64_t sums = heads * d * d + qk;
-    std::vector<double> partial(static_cast<size_t>(batch * count * sums));
-    at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
-      Fused fused = in.tile<T>(eps);
-      detail::ColMatrix<T> head;  // one head's q and k rows over the tile: pixels x 2d
-      for (int64_t item = begin; item < end; ++item) {
-        const auto& tile = tiles[static_cast<size_t>(item % count)];
-        const int64_t cols = tile.c1 - tile.c0;
-        fused.compute(item / count, tile);
-        fused.expand(0, qk, 0);
-        head.resize((tile.r1 - tile.r0) * cols, 2 * d);
-        double* out = partial.data() + item * sums;
-        for (int64_t h = 0; h < heads; ++h) {
-          for (int64_t i = 0; i < d; ++i) {
-            fused.depthwise(h * d + i, h * d + i, head.col(i).data(), cols);
-            fused.depthwise(dim + h * d + i, dim + h * d + i, head.col(d + i).data(), cols);
-          }
-          for (int64_t i = 0; i < d; ++i) {
-            for (int64_t j = 0; j < d; ++j) out[(h * d + i) * d + j] = head.col(i).dot(head.col(d + j));
-            out[heads * d * d + h * d + i] = head.col(i).squaredNorm();
-            out[heads * d * d + dim + h * d + i] = head.col(d + i).squaredNorm();
-          }
-        }
-      }
-    });
-    for (int64_t n = 0; n < batch; ++n) {
-      std::vector<double> total(static_cast<size_t>(sums), 0.0);
-      for (int64_t t = 0; t < count; ++t) {
-        const double* part = partial.data() + (n * count + t) * sums;
-        for (int64_t e = 0; e < sums; ++e) total[static_cast<size_t>(e)] += part[e];
-      }
-      T* g = gram.data_ptr<T>() + n * heads * d * d;
-      T* qn = q_norm.data_ptr<T>() + n * dim;
-      T* kn = k_norm.data_ptr<T>() + n * dim;
-      for (int64_t e = 0; e < heads * d * d; ++e) g[e] = static_cast<T>(total[static_cast<size_t>(e)]);
-      for (int64_t e = 0; e < dim; ++e) {
-        qn[e] = static_cast<T>(std::sqrt(total[static_cast<size_t>(heads * d * d + e)]));
-        kn[e] = static_cast<T>(std::sqrt(total[static_cast<size_t>(heads * d * d + dim + e)]));
-      }
-    }
+    sums = detail::attention_gram_pass<scalar_t>(sources, {{0, 0}}, heads, eps);
   });
-  return {gram, q_norm, k_norm};
+  return sums;
+}
+
+/// The two attentions' sums of a cross attention between x1 and x2 (ReFusion's fusion module, no LayerNorm),
+/// where q_i and k_i are the channel halves of dwconv3x3(W_qk_i x_i): the per-head Gram matrices q_2 k_1^T and
+/// q_1 k_2^T and the norms of the four, in one pass over both inputs (see detail::attention_gram_pass). x1, x2:
+/// N x C x H x W; w_qk_i: 2D x C x 1 x 1; w_dw_i: 2D x 1 x 3 x 3. Returns {q_2 k_1^T, q_1 k_2^T, |q_1|, |k_1|,
+/// |q_2|, |k_2|}.
+inline std::vector<torch::Tensor> cross_attention_gram(const torch::Tensor& x1, const torch::Tensor& w_qk1,
+                                                       const torch::Tensor& w_dw1, const torch::Tensor& x2,
+                                                       const torch::Tensor& w_qk2, const torch::Tensor& w_dw2,
+                                                       int64_t heads) {
+  RECORD_FUNCTION("tdfusion::cross_attention_gram", std::vector<c10::IValue>());
+  const torch::Tensor none;
+  const std::vector<detail::BlockInputs> sources{{x1, none, none, w_qk1, w_dw1}, {x2, none, none, w_qk2, w_dw2}};
+  std::vector<torch::Tensor> sums;
+  AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tdfusion_cross_attention_gram", [&] {
+    sums = detail::attention_gram_pass<scalar_t>(sources, {{1, 0}, {0, 1}}, heads, 0.0);
+  });
+  return sums;
 }
 
 /// The output of a Restormer channel attention with its residual, x + M_n v with v = dwconv3x3(W_v LN(x)), in
 /// one pass over cache-sized tiles (inference only): v never leaves the cache. M_n = W_proj blockdiag(attn_n)
 /// folds image n's attention matrices and the output projection into one C x C matrix (nn::attention_mixing).
 /// x: N x C x H x W; ln_w, ln_b: C; w_v: C x C x 1 x 1; w_dw: C x 1 x 3 x 3; mixing: N x C x C. Undefined ln_w
-/// and ln_b: without the LayerNorm.
+/// and ln_b: without the LayerNorm. Written into `out` where it is given (a block-contiguous tensor of x's
+/// shape sharing no memory with x, e.g. channels of a larger tensor), else into a new tensor; returns it.
 inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                       const torch::Tensor& w_v, const torch::Tensor& w_dw, const torch::Tensor& mixing,
-                                      double eps) {
+                                      double eps, const torch::Tensor& out = {}) {
   RECORD_FUNCTION("tdfusion::attention_output", std::vector<c10::IValue>());
   const detail::BlockInputs in(x, ln_w, ln_b, w_v, w_dw);
   const int64_t batch = x.size(0), channels = x.size(1);
@@ -984,8 +1054,11 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
               "tdfusion: attention_output kernel got value weight ", w_v.sizes(), " and mixing matrices ",
               mixing.sizes(), " for input ", x.sizes());
   multiply_adds() += batch * x.size(2) * x.size(3) * channels * (2 * channels + 9);
+  TORCH_CHECK(!out.defined() || (out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
+                                  out.device() == x.device() && detail::block_contiguous(out)),
+              "tdfusion: attention_output kernel cannot write its ", x.sizes(), " output into ", out.sizes());
   const torch::Tensor mc = mixing.contiguous();
-  torch::Tensor y = detail::new_like(x);
+  torch::Tensor y = out.defined() ? out : detail::new_like(x);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_attention_output", [&] {
     using T = scalar_t;

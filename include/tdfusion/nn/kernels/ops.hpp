@@ -379,14 +379,27 @@ inline std::vector<torch::Tensor> attention_gram(const torch::Tensor& x, const t
   return kernels::attention_gram(x, ln_w, ln_b, w_qk, w_dw, heads, eps);
 }
 
+/// {q_2 k_1^T, q_1 k_2^T, |q_1|, |k_1|, |q_2|, |k_2|} per head of a cross attention between x1 and x2 whose q_i
+/// and k_i are the channel halves of dwconv3x3(W_qk_i x_i) (kernels::cross_attention_gram): what the two
+/// attention matrices of ReFusion's fusion module need, in one pass, without q and k ever stored. Only where
+/// inference_fusable holds.
+inline std::vector<torch::Tensor> cross_attention_gram(const torch::Tensor& x1, const torch::Tensor& w_qk1,
+                                                       const torch::Tensor& w_dw1, const torch::Tensor& x2,
+                                                       const torch::Tensor& w_qk2, const torch::Tensor& w_dw2,
+                                                       int64_t heads) {
+  const torch::Tensor none;
+  detail::check_fusable("cross_attention_gram", none, none, {&x1, &w_qk1, &w_dw1, &x2, &w_qk2, &w_dw2});
+  return kernels::cross_attention_gram(x1, w_qk1, w_dw1, x2, w_qk2, w_dw2, heads);
+}
+
 /// x + M_n dwconv3x3(W_v LN(x)): a Restormer attention's output with its residual, for image n's mixing matrix
-/// M_n (nn::attention_mixing), in one pass (kernels::attention_output; undefined ln_w and ln_b: no LayerNorm).
-/// Only where inference_fusable holds.
+/// M_n (nn::attention_mixing), in one pass (kernels::attention_output; undefined ln_w and ln_b: no LayerNorm),
+/// into `out` where it is given (channels of a larger tensor, say). Only where inference_fusable holds.
 inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                       const torch::Tensor& w_v, const torch::Tensor& w_dw, const torch::Tensor& mixing,
-                                      double eps = 1e-5) {
+                                      const torch::Tensor& out = {}, double eps = 1e-5) {
   detail::check_fusable("attention_output", ln_w, ln_b, {&x, &w_v, &w_dw, &mixing});
-  return kernels::attention_output(x, ln_w, ln_b, w_v, w_dw, mixing, eps);
+  return kernels::attention_output(x, ln_w, ln_b, w_v, w_dw, mixing, eps, out);
 }
 
 /// dwconv3x3(W_in LN(x)): a Restormer attention's q, k, v in one pass (kernels::norm_pointwise_depthwise;
