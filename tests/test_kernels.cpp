@@ -308,6 +308,11 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       CHECK_THROWS_WITH_AS(ops::attention_output(x, lw, lb, w_v, w_dw, mixing, larger.narrow(1, 0, 5)),
                            doctest::Contains("cannot write its [2, 6, 40, "),
                            c10::Error);
+      {
+        const torch::AutoGradMode grad(true);  // where a gradient is wanted, no kernel may write around autograd
+        CHECK_THROWS_WITH_AS(ops::attention_output(x, lw, lb, w_v, w_dw, mixing, torch::zeros_like(x).requires_grad_()),
+                             doctest::Contains("cannot write into a tensor that needs a gradient"), c10::Error);
+      }
       const ops::FastKernels off(false);
       const double tolerance = type == torch::kFloat ? 1e-5 : 1e-12;
       const torch::Tensor normed = ops::channel_layer_norm(x, lw, lb);

@@ -399,6 +399,8 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
                                       const torch::Tensor& w_v, const torch::Tensor& w_dw, const torch::Tensor& mixing,
                                       const torch::Tensor& out = {}, double eps = 1e-5) {
   detail::check_fusable("attention_output", ln_w, ln_b, {&x, &w_v, &w_dw, &mixing});
+  TORCH_CHECK(!out.defined() || inference_fusable({&x, &out}), "tdfusion: attention_output cannot write into a "
+              "tensor that needs a gradient, or of another type or device than its input");
   return kernels::attention_output(x, ln_w, ln_b, w_v, w_dw, mixing, eps, out);
 }
 
