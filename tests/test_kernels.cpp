@@ -281,10 +281,10 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       CHECK(relative_error(block, x + ops::conv1x1(ops::gelu_gate(expanded), w_out)) < 1e-5);
     }
   }
-  // An attention's Gram matrices and norms (3 heads of q and k rows), a cross attention's, and an attention's
-  // output for given mixing matrices, also into channels of a larger tensor, in float and double, with 6
-  // channels (a register block of 4 outputs and two single ones) on rows of 1 to 4 vectors and a remainder of
-  // pixels.
+  // An attention's Gram matrices and norms (3 heads of q and k rows), a cross attention's, an attention's
+  // output for given mixing matrices, also into channels of a larger tensor, and dense 3x3 convolutions, in
+  // float and double, with 6 channels (a register block of 4 outputs and two single ones) on rows of 1 to 4
+  // vectors and a remainder of pixels, 40 rows (two rows of tiles).
   for (const auto type : {torch::kFloat, torch::kDouble}) {
     for (const int64_t width : {5, 60, 150}) {
       CAPTURE(type);
@@ -313,8 +313,19 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
         CHECK_THROWS_WITH_AS(ops::attention_output(x, lw, lb, w_v, w_dw, mixing, torch::zeros_like(x).requires_grad_()),
                              doctest::Contains("cannot write into a tensor that needs a gradient"), c10::Error);
       }
+      // Dense 3x3 convolutions at inference (kernels::conv3x3 under ops::conv_same), of x and of a channel split,
+      // 6 -> 5 channels (a register block of 4 outputs and a single one), with a bias.
+      const torch::Tensor w_conv = torch::randn({5, 6, 3, 3}, options), b_conv = torch::randn({5}, options);
+      const torch::Tensor split = torch::randn({2, 10, 40, width}, options).narrow(1, 2, 6);
+      const int64_t counted = nn::kernels::multiply_adds();
+      const torch::Tensor conv = ops::conv_same(x, w_conv, b_conv), conv_split = ops::conv_same(split, w_conv);
+      CHECK(nn::kernels::multiply_adds() - counted == 2 * (2 * 40 * width * 5 * 6 * 9));  // the kernel ran, twice
+      CHECK_THROWS_WITH_AS(nn::kernels::conv3x3(x, w_conv.narrow(1, 0, 5)),
+                           doctest::Contains("conv3x3 kernel got input [2, 6, 40, "), c10::Error);
       const ops::FastKernels off(false);
       const double tolerance = type == torch::kFloat ? 1e-5 : 1e-12;
+      CHECK(relative_error(conv, torch::conv2d(x, w_conv, b_conv, 1, 1)) < tolerance);
+      CHECK(relative_error(conv_split, torch::conv2d(split, w_conv, {}, 1, 1)) < tolerance);
       const torch::Tensor normed = ops::channel_layer_norm(x, lw, lb);
       const torch::Tensor v = ops::depthwise3x3(ops::conv1x1(normed, w_v), w_dw);
       CHECK(relative_error(output, x + torch::matmul(mixing, v.flatten(2)).view_as(x)) < tolerance);

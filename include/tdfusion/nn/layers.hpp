@@ -127,15 +127,6 @@ inline torch::Tensor channel_attention(const torch::Tensor& q, const torch::Tens
   return attend_values(attention_matrix(q, k, temperature, heads), v, projection);
 }
 
-/// Channels [first, first + count) of W_dw * (W_in LN(x)) (ops::norm_pointwise_depthwise; undefined ln_w and
-/// ln_b: no LayerNorm), computed from those channels' weights alone. The fused inference paths make an
-/// attention's q and k with it, then v once q and k are freed: the three are never held together.
-inline torch::Tensor norm_pointwise_depthwise_channels(const torch::Tensor& x, const torch::Tensor& ln_w,
-                                                       const torch::Tensor& ln_b, const torch::Tensor& w_in,
-                                                       const torch::Tensor& w_dw, int64_t first, int64_t count) {
-  return ops::norm_pointwise_depthwise(x, ln_w, ln_b, w_in.narrow(0, first, count), w_dw.narrow(0, first, count));
-}
-
 /// Multi-Dconv head transposed attention (MDTA).
 class AttentionImpl : public torch::nn::Module {
  public:
@@ -164,11 +155,12 @@ class AttentionImpl : public torch::nn::Module {
                               const torch::Tensor& ln_b) const {
     const torch::Tensor &w = p["qkv.weight"], &dw = p["qkv_dwconv.weight"];
     const int64_t c = x.size(1);
+    const torch::Tensor w_qk = w.narrow(0, 0, 2 * c), dw_qk = dw.narrow(0, 0, 2 * c);
     torch::Tensor matrix;
     if (AttentionTiling::active() != nullptr) {  // the hook needs q and k themselves
-      matrix = matrix_of(norm_pointwise_depthwise_channels(x, ln_w, ln_b, w, dw, 0, 2 * c), p);
+      matrix = matrix_of(ops::norm_pointwise_depthwise(x, ln_w, ln_b, w_qk, dw_qk), p);
     } else {
-      const auto sums = ops::attention_gram(x, ln_w, ln_b, w.narrow(0, 0, 2 * c), dw.narrow(0, 0, 2 * c), heads_);
+      const auto sums = ops::attention_gram(x, ln_w, ln_b, w_qk, dw_qk, heads_);
       matrix = attention_matrix(sums[0], sums[1], sums[2], p["temperature"]);
     }
     return ops::attention_output(x, ln_w, ln_b, w.narrow(0, 2 * c, c), dw.narrow(0, 2 * c, c),

@@ -12,6 +12,7 @@
 //   gelu_gate            gelu(a) * b with the exact (erf) GELU for the channel halves [a; b] of one tensor, its
 //                        backward and the backward of that
 //   norm_pointwise_depthwise  dwconv3x3(W LN(x)), a Restormer attention's q, k, v, in one pass (inference only)
+//   conv3x3              dense 3x3 convolution, stride 1, zero padding 1, over cache-sized tiles (inference only)
 //   feed_forward_block   x + GDFN(LN(x)) of a Restormer block in one pass over cache-sized tiles (inference only)
 //   attention_gram       the Gram matrices and row norms of an attention's q and k = dwconv3x3(W_qk LN(x)), likewise;
 //                        cross_attention_gram: those of both attentions of a cross attention between two inputs
@@ -578,15 +579,26 @@ template <class T>
 struct PlaneWindow {
   T* data;
   int64_t plane, row;
+  int64_t channel(int64_t c) const { return c * plane; }
+};
+
+/// Input channels at any offsets, seen through a rows x cols window: element (c, r, i) at
+/// data[offsets[c] + r * row + i] (conv3x3's inputs: the planes of a gathered tile shifted by each tap).
+template <class T>
+struct OffsetWindow {
+  const T* data;
+  const int64_t* offsets;
+  int64_t row;
+  int64_t channel(int64_t c) const { return offsets[c]; }
 };
 
 /// y_o = residual_o + sum_c w[o, c] x_c for the output planes o < outs of a window (residual 0 where its data
 /// is null): the 1x1 convolutions of the fused kernels. With only 16 to 64 input channels a general GEMM
 /// spends much of its time packing the operands and zeroing its output; this reads the planes in place, keeps
 /// a block of 4 outputs x (up to) 4 vectors of pixels in registers and writes each output once.
-template <class T>
-void pointwise(PlaneWindow<const T> x, int64_t ins, const T* w, int64_t outs, PlaneWindow<const T> residual,
-               PlaneWindow<T> y, int64_t rows, int64_t cols) {
+template <class T, class Input = PlaneWindow<const T>>
+void pointwise(Input x, int64_t ins, const T* w, int64_t outs, PlaneWindow<const T> residual, PlaneWindow<T> y,
+               int64_t rows, int64_t cols) {
   using Packet = typename Eigen::internal::packet_traits<T>::type;
   constexpr int64_t kLanes = Eigen::internal::packet_traits<T>::size, kOuts = 4;
   // Outputs [o, o + kBlock) at pixels [i, i + kVectors * kLanes) of one row.
@@ -601,7 +613,7 @@ void pointwise(PlaneWindow<const T> x, int64_t ins, const T* w, int64_t outs, Pl
     }
     for (int64_t c = 0; c < ins; ++c) {
       Packet pixels[kVectors];
-      for (int64_t v = 0; v < kVectors; ++v) pixels[v] = Eigen::internal::ploadu<Packet>(in + c * x.plane + v * kLanes);
+      for (int64_t v = 0; v < kVectors; ++v) pixels[v] = Eigen::internal::ploadu<Packet>(in + x.channel(c) + v * kLanes);
       for (int64_t b = 0; b < kBlock; ++b) {
         const Packet weight = Eigen::internal::pset1<Packet>(w[(o + b) * ins + c]);
         for (int64_t v = 0; v < kVectors; ++v) acc[b][v] = Eigen::internal::pmadd(pixels[v], weight, acc[b][v]);
@@ -630,7 +642,7 @@ void pointwise(PlaneWindow<const T> x, int64_t ins, const T* w, int64_t outs, Pl
     for (i += left * kLanes; i < cols; ++i) {
       for (int64_t o = 0; o < outs; ++o) {
         T sum = res != nullptr ? res[o * residual.plane + i] : T(0);
-        for (int64_t c = 0; c < ins; ++c) sum += w[o * ins + c] * in[c * x.plane + i];
+        for (int64_t c = 0; c < ins; ++c) sum += w[o * ins + c] * in[x.channel(c) + i];
         out[o * y.plane + i] = sum;
       }
     }
@@ -663,10 +675,10 @@ class NormPointwiseDepthwiseTile {
   /// fused kernel of ReFusion (16 to 256 expanded channels): 2560 pixels were 7-15 % slower, 1536 slower still,
   /// and the Gram and output passes 13-26 % slower at the 4096-16384 pixels of a per-channel rule.
   static std::vector<Tile> tiles(int64_t height, int64_t width) {
-    const double area = 2048;
+    constexpr int64_t kArea = 2048;
     const int64_t lanes = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T)));
-    const int64_t cols = std::max<int64_t>(lanes, std::llround(std::sqrt(area) / lanes) * lanes);
-    const int64_t rows = std::max<int64_t>(8, static_cast<int64_t>(area) / (cols + 2) - 2);
+    const int64_t cols = std::max<int64_t>(lanes, std::llround(std::sqrt(double{kArea}) / lanes) * lanes);
+    const int64_t rows = std::max<int64_t>(8, kArea / (cols + 2) - 2);
     std::vector<Tile> all;
     for (int64_t r = 0; r < height; r += rows) {
       for (int64_t c = 0; c < width; c += cols) all.push_back({r, std::min(height, r + rows), c, std::min(width, c + cols)});
@@ -709,6 +721,9 @@ class NormPointwiseDepthwiseTile {
     pointwise<T>({normed_.data(), len, 0}, channels_, w_in_ + first * channels_, count, {nullptr, 0, 0},
                  {expanded_.data() + slot * len, len, 0}, 1, len);
   }
+
+  /// The tile gathered (and normalised) by compute: one plane of (rows + 2) x (cols + 2) pixels per channel.
+  const T* gathered() const { return normed_.data(); }
 
   void depthwise(int64_t plane, int64_t slot, T* dst, int64_t stride) const {
     const int64_t cols = tile_.c1 - tile_.c0 + 2, count = cols - 2;
@@ -819,6 +834,49 @@ inline torch::Tensor norm_pointwise_depthwise(const torch::Tensor& x, const torc
         for (int64_t o = 0; o < out; ++o) {
           fused.depthwise(o, o, y.data_ptr<T>() + ((n * out + o) * height + tile.r0) * width + tile.c0, width);
         }
+      }
+    });
+  });
+  return y;
+}
+
+/// Dense 3x3 convolution, stride 1, zero padding 1, without bias (inference only): x N x C x H x W, w O x C x 3 x 3.
+/// Each cache-sized tile is gathered once with its halo; the convolution is then one 1x1 convolution
+/// (detail::pointwise) of 9C channels, the gathered planes shifted by each tap: no reordered or unfolded copy of
+/// the input, as LibTorch's convolutions make, and each output written once.
+inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
+  RECORD_FUNCTION("tdfusion::conv3x3", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == 3 && w.size(3) == 3 &&
+                  w.scalar_type() == x.scalar_type(),
+              "tdfusion: conv3x3 kernel got input ", x.sizes(), " and weight ", w.sizes());
+  const torch::Tensor input = x.contiguous();
+  const torch::Tensor weights = w.permute({0, 2, 3, 1}).contiguous();  // O x 3 x 3 x C: input channel tap * C + c
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3), out = w.size(0);
+  multiply_adds() += batch * height * width * out * channels * 9;
+  torch::Tensor y = torch::empty({batch, out, height, width}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_conv3x3", [&] {
+    using T = scalar_t;
+    using Gather = detail::NormPointwiseDepthwiseTile<T>;  // gathers tiles (no LayerNorm, no W_in)
+    const std::vector<typename Gather::Tile> tiles = Gather::tiles(height, width);
+    const auto count = static_cast<int64_t>(tiles.size());
+    at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
+      Gather gather(input.data_ptr<T>(), channels, height, width, nullptr, nullptr, nullptr, 0, nullptr, 0.0);
+      std::vector<int64_t> offsets(static_cast<size_t>(9 * channels));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / count;
+        const auto& tile = tiles[static_cast<size_t>(item % count)];
+        const int64_t rows = tile.r1 - tile.r0, cols = tile.c1 - tile.c0, stride = cols + 2;
+        gather.compute(n, tile);
+        for (int64_t tap = 0; tap < 9; ++tap) {
+          for (int64_t c = 0; c < channels; ++c) {
+            offsets[static_cast<size_t>(tap * channels + c)] = c * (rows + 2) * stride + (tap / 3) * stride + tap % 3;
+          }
+        }
+        detail::pointwise<T>(detail::OffsetWindow<T>{gather.gathered(), offsets.data(), stride}, 9 * channels,
+                             weights.data_ptr<T>(), out, {nullptr, 0, 0},
+                             {y.data_ptr<T>() + (n * out * height + tile.r0) * width + tile.c0, height * width, width},
+                             rows, cols);
       }
     });
   });

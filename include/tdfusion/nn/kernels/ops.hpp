@@ -339,6 +339,10 @@ inline bool inference_fusable(std::initializer_list<const torch::Tensor*> tensor
 
 /// Dense convolution, stride 1, "same" zero padding, optional bias b: w O x I x k x k, k odd.
 inline torch::Tensor conv_same(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  if (inference_fusable({&x, &w}) && x.dim() == 4 && w.dim() == 4 && w.size(2) == 3) {
+    const torch::Tensor y = kernels::conv3x3(x, w);
+    return b.defined() ? y + b.view({1, -1, 1, 1}) : y;
+  }
   if (!detail::fast({&x, &w}) || inference_fusable({&x, &w})) {
     return torch::conv2d(x, w, b, /*stride=*/1, /*padding=*/w.size(2) / 2);
   }
