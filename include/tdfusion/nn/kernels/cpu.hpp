@@ -595,12 +595,15 @@ struct OffsetWindow {
 /// y_o = residual_o + sum_c w[o, c] x_c for the output planes o < outs of a window (residual 0 where its data
 /// is null): the 1x1 convolutions of the fused kernels. With only 16 to 64 input channels a general GEMM
 /// spends much of its time packing the operands and zeroing its output; this reads the planes in place, keeps
-/// a block of 4 outputs x (up to) 4 vectors of pixels in registers and writes each output once.
+/// a block of 4 outputs x (up to) kMaxVectors vectors of pixels in registers and writes each output once.
 template <class T, class Input = PlaneWindow<const T>>
 void pointwise(Input x, int64_t ins, const T* w, int64_t outs, PlaneWindow<const T> residual, PlaneWindow<T> y,
                int64_t rows, int64_t cols) {
   using Packet = typename Eigen::internal::packet_traits<T>::type;
   constexpr int64_t kLanes = Eigen::internal::packet_traits<T>::size, kOuts = 4;
+  // The block's accumulators, its pixel vectors and a weight all in registers: 4 x 4 + 4 + 1 of AVX-512's 32,
+  // 4 x 3 + 3 + 1 of AVX2's 16 (4 x 4 there spills accumulators to the stack in the innermost loop).
+  constexpr int64_t kMaxVectors = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 3;
   // Outputs [o, o + kBlock) at pixels [i, i + kVectors * kLanes) of one row.
   auto block = [&](auto vectors, auto block_outs, const T* in, const T* res, T* out, int64_t o) {
     constexpr int64_t kVectors = decltype(vectors)::value, kBlock = decltype(block_outs)::value;
@@ -634,9 +637,13 @@ void pointwise(Input x, int64_t ins, const T* w, int64_t outs, PlaneWindow<const
     T* out = y.data + r * y.row;
     int64_t i = 0;
     auto shifted = [&](const T* p) { return p != nullptr ? p + i : nullptr; };
-    for (; i + 4 * kLanes <= cols; i += 4 * kLanes) columns(std::integral_constant<int64_t, 4>{}, in + i, shifted(res), out + i);
+    for (; i + kMaxVectors * kLanes <= cols; i += kMaxVectors * kLanes) {
+      columns(std::integral_constant<int64_t, kMaxVectors>{}, in + i, shifted(res), out + i);
+    }
     const int64_t left = (cols - i) / kLanes;
-    if (left == 3) columns(std::integral_constant<int64_t, 3>{}, in + i, shifted(res), out + i);
+    if constexpr (kMaxVectors == 4) {
+      if (left == 3) columns(std::integral_constant<int64_t, 3>{}, in + i, shifted(res), out + i);
+    }
     if (left == 2) columns(std::integral_constant<int64_t, 2>{}, in + i, shifted(res), out + i);
     if (left == 1) columns(std::integral_constant<int64_t, 1>{}, in + i, shifted(res), out + i);
     for (i += left * kLanes; i < cols; ++i) {
