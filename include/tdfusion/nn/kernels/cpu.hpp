@@ -641,9 +641,7 @@ void pointwise(Input x, int64_t ins, const T* w, int64_t outs, PlaneWindow<const
       columns(std::integral_constant<int64_t, kMaxVectors>{}, in + i, shifted(res), out + i);
     }
     const int64_t left = (cols - i) / kLanes;
-    if constexpr (kMaxVectors == 4) {
-      if (left == 3) columns(std::integral_constant<int64_t, 3>{}, in + i, shifted(res), out + i);
-    }
+    if (left == 3) columns(std::integral_constant<int64_t, 3>{}, in + i, shifted(res), out + i);
     if (left == 2) columns(std::integral_constant<int64_t, 2>{}, in + i, shifted(res), out + i);
     if (left == 1) columns(std::integral_constant<int64_t, 1>{}, in + i, shifted(res), out + i);
     for (i += left * kLanes; i < cols; ++i) {
