@@ -676,14 +676,17 @@ class NormPointwiseDepthwiseTile {
 
   /// The tiles of an image: about 2048 pixels each (8 KB a float plane, so that the gathered input, the
   /// planes expanded at a time and a caller's mixed planes stay in L2), nearly square, so the halo stays small,
-  /// and a whole number of 64-byte vectors wide, so the depthwise rows need no remainder loop. Measured on every
-  /// fused kernel of ReFusion (16 to 256 expanded channels): 2560 pixels were 7-15 % slower, 1536 slower still,
-  /// and the Gram and output passes 13-26 % slower at the 4096-16384 pixels of a per-channel rule.
+  /// a whole number of 64-byte vectors wide, so the depthwise rows need no remainder loop, and in bands of equal
+  /// height, so that the halves of the tile list LibTorch's threads take hold equal work. Measured on a 640 x 480
+  /// ReFusion pass (2 cores, Zen 2): 1536 or 3072 pixels 2-5 % slower than 2048, 2560 the same; 32 or 64
+  /// columns 5-15 % slower than 48; the 38-row bands (the last one 24 rows) that preceded equal ones 3 % slower.
   static std::vector<Tile> tiles(int64_t height, int64_t width) {
     constexpr int64_t kArea = 2048;
     const int64_t lanes = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T)));
     const int64_t cols = std::max<int64_t>(lanes, std::llround(std::sqrt(double{kArea}) / lanes) * lanes);
-    const int64_t rows = std::max<int64_t>(8, kArea / (cols + 2) - 2);
+    const int64_t most_rows = std::max<int64_t>(8, kArea / (cols + 2) - 2);
+    const int64_t bands = std::max<int64_t>(1, (height + most_rows - 1) / most_rows);
+    const int64_t rows = (height + bands - 1) / bands;
     std::vector<Tile> all;
     for (int64_t r = 0; r < height; r += rows) {
       for (int64_t c = 0; c < width; c += cols) all.push_back({r, std::min(height, r + rows), c, std::min(width, c + cols)});
@@ -697,9 +700,10 @@ class NormPointwiseDepthwiseTile {
     const int64_t pixels = height_ * width_;
     const int64_t b0 = std::max<int64_t>(0, tile.c0 - 1), b1 = std::min(width_, tile.c1 + 1);
     const T* src = x_ + n * channels_ * pixels;
-    normed_.resize(len, channels_);
+    normed_.resize((len + kPlaneAlign - 1) / kPlaneAlign * kPlaneAlign, channels_);
     for (int64_t c = 0; c < channels_; ++c) {
       T* column = normed_.col(c).data();
+      std::fill(column + len, column + normed_.rows(), T(0));
       for (int64_t r = tile.r0 - 1; r <= tile.r1; ++r) {
         T* row = column + (r - tile.r0 + 1) * cols;
         if (r < 0 || r >= height_) {
@@ -711,13 +715,13 @@ class NormPointwiseDepthwiseTile {
       }
     }
     if (ln_w_ != nullptr) {
-      channel_moments(normed_.data(), channels_, len, 0, len, mean_, rstd_, eps_);
+      channel_moments(normed_.data(), channels_, normed_.rows(), 0, len, mean_, rstd_, eps_);
       for (int64_t c = 0; c < channels_; ++c) {
-        normed_.col(c).array() = (normed_.col(c).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
+        normed_.col(c).head(len).array() = (normed_.col(c).head(len).array() - mean_) * rstd_ * ln_w_[c] + ln_b_[c];
       }
       clear_outside_image(rows, cols);  // the LayerNorm maps a zero pixel to its bias
     }
-    expanded_.resize(len, out_channels_);
+    expanded_.resize(normed_.rows(), out_channels_);
   }
 
   /// Multiplies the tile by rows [first, first + count) of W_in into the buffer's columns [slot, slot + count).
@@ -727,8 +731,10 @@ class NormPointwiseDepthwiseTile {
                  {expanded_.data() + slot * len, len, 0}, 1, len);
   }
 
-  /// The tile gathered (and normalised) by compute: one plane of (rows + 2) x (cols + 2) pixels per channel.
+  /// The tile gathered (and normalised) by compute: one plane of (rows + 2) x (cols + 2) pixels per channel,
+  /// plane() elements apart.
   const T* gathered() const { return normed_.data(); }
+  int64_t plane() const { return normed_.rows(); }
 
   void depthwise(int64_t plane, int64_t slot, T* dst, int64_t stride) const {
     const int64_t cols = tile_.c1 - tile_.c0 + 2, count = cols - 2;
@@ -761,6 +767,10 @@ class NormPointwiseDepthwiseTile {
       }
     }
   }
+
+  // Buffer planes start 64 bytes apart, whatever the tile's shape: the 1x1 products run about a third slower
+  // on planes that are not vector-aligned.
+  static constexpr int64_t kPlaneAlign = 64 / static_cast<int64_t>(sizeof(T));
 
   const T* x_;
   int64_t channels_, height_, width_;
@@ -875,7 +885,7 @@ inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
         gather.compute(n, tile);
         for (int64_t tap = 0; tap < 9; ++tap) {
           for (int64_t c = 0; c < channels; ++c) {
-            offsets[static_cast<size_t>(tap * channels + c)] = c * (rows + 2) * stride + (tap / 3) * stride + tap % 3;
+            offsets[static_cast<size_t>(tap * channels + c)] = c * gather.plane() + (tap / 3) * stride + tap % 3;
           }
         }
         detail::pointwise<T>(detail::OffsetWindow<T>{gather.gathered(), offsets.data(), stride}, 9 * channels,
