@@ -678,8 +678,8 @@ class NormPointwiseDepthwiseTile {
   /// planes expanded at a time and a caller's mixed planes stay in L2), nearly square, so the halo stays small,
   /// a whole number of 64-byte vectors wide, so the depthwise rows need no remainder loop, and in bands of equal
   /// height, so that the halves of the tile list LibTorch's threads take hold equal work. Measured on a 640 x 480
-  /// ReFusion pass (2 cores, Zen 2): 1536 or 3072 pixels 2-5 % slower than 2048, 2560 the same; 32 or 64
-  /// columns 5-15 % slower than 48; the 38-row bands (the last one 24 rows) that preceded equal ones 3 % slower.
+  /// ReFusion pass (2 cores, Zen 2): 1536 pixels 3-4 % slower than 2048, 3072 1-3 %, 2560 the same; 32 columns
+  /// 4-8 % slower than 48, 64 columns 12-19 %; the 38-row bands (the last one 24 rows) before equal ones 3 %.
   static std::vector<Tile> tiles(int64_t height, int64_t width) {
     constexpr int64_t kArea = 2048;
     const int64_t lanes = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T)));
