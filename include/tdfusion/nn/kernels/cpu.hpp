@@ -669,6 +669,11 @@ class NormPointwiseDepthwiseTile {
     int64_t r0, r1, c0, c1;  ///< rows [r0, r1), columns [c0, c1)
   };
 
+  /// Elements of a 64-byte vector: tiles are a whole number of them wide, and the buffers' planes a whole number
+  /// of them long, whatever the tile's shape (the 1x1 products run about a third slower on planes that are not
+  /// vector-aligned).
+  static constexpr int64_t kVector = 64 / static_cast<int64_t>(sizeof(T));
+
   NormPointwiseDepthwiseTile(const T* x, int64_t channels, int64_t height, int64_t width, const T* ln_w,
                              const T* ln_b, const T* w_in, int64_t out_channels, const T* w_dw, double eps)
       : x_(x), channels_(channels), height_(height), width_(width), ln_w_(ln_w), ln_b_(ln_b),
@@ -682,8 +687,7 @@ class NormPointwiseDepthwiseTile {
   /// 4-8 % slower than 48, 64 columns 12-19 %; the 38-row bands (the last one 24 rows) before equal ones 3 %.
   static std::vector<Tile> tiles(int64_t height, int64_t width) {
     constexpr int64_t kArea = 2048;
-    const int64_t lanes = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T)));
-    const int64_t cols = std::max<int64_t>(lanes, std::llround(std::sqrt(double{kArea}) / lanes) * lanes);
+    const int64_t cols = std::max<int64_t>(kVector, std::llround(std::sqrt(double{kArea}) / kVector) * kVector);
     const int64_t most_rows = std::max<int64_t>(8, kArea / (cols + 2) - 2);
     const int64_t bands = std::max<int64_t>(1, (height + most_rows - 1) / most_rows);
     const int64_t rows = (height + bands - 1) / bands;
@@ -700,7 +704,7 @@ class NormPointwiseDepthwiseTile {
     const int64_t pixels = height_ * width_;
     const int64_t b0 = std::max<int64_t>(0, tile.c0 - 1), b1 = std::min(width_, tile.c1 + 1);
     const T* src = x_ + n * channels_ * pixels;
-    normed_.resize((len + kPlaneAlign - 1) / kPlaneAlign * kPlaneAlign, channels_);
+    normed_.resize((len + kVector - 1) / kVector * kVector, channels_);
     for (int64_t c = 0; c < channels_; ++c) {
       T* column = normed_.col(c).data();
       std::fill(column + len, column + normed_.rows(), T(0));
@@ -726,7 +730,7 @@ class NormPointwiseDepthwiseTile {
 
   /// Multiplies the tile by rows [first, first + count) of W_in into the buffer's columns [slot, slot + count).
   void expand(int64_t first, int64_t count, int64_t slot) {
-    const int64_t len = normed_.rows();
+    const int64_t len = plane();
     pointwise<T>({normed_.data(), len, 0}, channels_, w_in_ + first * channels_, count, {nullptr, 0, 0},
                  {expanded_.data() + slot * len, len, 0}, 1, len);
   }
@@ -767,10 +771,6 @@ class NormPointwiseDepthwiseTile {
       }
     }
   }
-
-  // Buffer planes start 64 bytes apart, whatever the tile's shape: the 1x1 products run about a third slower
-  // on planes that are not vector-aligned.
-  static constexpr int64_t kPlaneAlign = 64 / static_cast<int64_t>(sizeof(T));
 
   const T* x_;
   int64_t channels_, height_, width_;
