@@ -350,6 +350,37 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
                        doctest::Contains("both LayerNorm weights or neither"), c10::Error);
 }
 
+TEST_CASE("stream_planes copies a tile's planes into a window exactly, whatever its alignment and width") {
+  namespace detail = tdfusion::nn::kernels::detail;
+  auto check = [](auto zero) {
+    using T = decltype(zero);
+    // 2 planes of 3 rows, copied into a 2 x 5 x 64 output (and a 16-element margin) at 16 element offsets, which
+    // meet every start within a 64-byte line, and at widths below, at and above one and two lines (the partial
+    // lines at a row's ends are stored as usual, the whole ones non-temporally): nothing outside the window changes.
+    constexpr int64_t kPlanes = 2, kRows = 3, kRow = 64, kPlane = 5 * kRow;
+    for (int64_t shift = 0; shift < 16; ++shift) {
+      for (const int64_t cols : {1, 7, 8, 15, 16, 17, 33, 40}) {
+        CAPTURE(shift);
+        CAPTURE(cols);
+        std::vector<T> tile(static_cast<size_t>(kPlanes * kRows * cols)), output(kPlanes * kPlane + 16, T(-1));
+        for (size_t i = 0; i < tile.size(); ++i) tile[i] = static_cast<T>(i + 1);
+        T* window = output.data() + shift + kRow;  // the window starts at row 1, column `shift`
+        detail::stream_planes<T>(tile.data(), kRows * cols, kPlanes, kRows, cols, {window, kPlane, kRow});
+        detail::store_fence();
+        int64_t wrong = 0;
+        for (int64_t i = 0; i < static_cast<int64_t>(output.size()); ++i) {
+          const int64_t p = i - shift - kRow, c = p / kPlane, r = p % kPlane / kRow, x = p % kRow;
+          const bool inside = p >= 0 && c < kPlanes && r < kRows && x < cols;
+          wrong += output[static_cast<size_t>(i)] != (inside ? tile[static_cast<size_t>((c * kRows + r) * cols + x)] : T(-1));
+        }
+        CHECK(wrong == 0);
+      }
+    }
+  };
+  check(float{});
+  check(double{});
+}
+
 TEST_CASE("reuse_freed_memory's region hands out best-fit blocks, coalesces freed ones and keeps them") {
   using tdfusion::detail::BlockRegion;
   const size_t mb = BlockRegion::kMinBytes;

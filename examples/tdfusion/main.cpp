@@ -11,6 +11,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -53,6 +55,10 @@ int main(int argc, char** argv) {
                     " CPU threads of this machine",
                 2);
   }
+  // LibTorch takes its default thread count from OMP_NUM_THREADS: given there (unless the user set it), the
+  // count needs no change, which would start a thread pool that busy-waits on a core for tens of milliseconds
+  // while the first fusion runs (see use_cpu_threads).
+  setenv("OMP_NUM_THREADS", std::to_string(threads > 0 ? threads : std::max(cores, 1)).c_str(), /*overwrite=*/0);
   reuse_freed_memory();
   use_cpu_threads(threads);
   try {

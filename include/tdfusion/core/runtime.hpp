@@ -23,13 +23,15 @@
 namespace tdfusion {
 
 /// Sets LibTorch's intra-op threads, which also run tdfusion's CPU kernels: `threads`, or all cores for 0
-/// (some LibTorch builds, Debian's among them, start with one). The calling thread's one-off thread setup runs
-/// first: done later, by its first parallel loop, it would set the count again, and each setting recreates
-/// LibTorch's pthreadpool, whose fresh workers busy-wait for tens of milliseconds, there in the middle of the
-/// first forward pass (measured: 12 ms instead of 4 ms for a tiny first ReFusion pass on two cores).
+/// (some LibTorch builds, Debian's among them, start with one), unless the count is that already (as the
+/// environment, e.g. OMP_NUM_THREADS, can make it). Each setting recreates LibTorch's pthreadpool, whose fresh
+/// worker busy-waits for tens of milliseconds on a core the first forward pass needs. So the calling thread's
+/// one-off thread setup runs first: done later, by its first parallel loop, it would set the count once more
+/// (measured: 12 ms instead of 4 ms for a tiny first ReFusion pass on two cores).
 inline void use_cpu_threads(int threads = 0) {
   at::internal::lazy_init_num_threads();
-  torch::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  const int wanted = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (at::get_num_threads() != wanted) torch::set_num_threads(wanted);
 }
 
 namespace detail {
