@@ -43,7 +43,8 @@
 namespace tdfusion::nn::kernels {
 
 /// Multiply-adds done by the convolution and matrix kernels in this process (elementwise kernels are not
-/// counted): what the benchmarks divide by time to report GFLOP/s (2 FLOP per multiply-add).
+/// counted; the all-zero weight blocks a fused kernel skips are): what the benchmarks divide by time to report
+/// GFLOP/s (2 FLOP per multiply-add).
 inline std::atomic<int64_t>& multiply_adds() {
   static std::atomic<int64_t> count{0};
   return count;
