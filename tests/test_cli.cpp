@@ -167,13 +167,15 @@ TEST_CASE("tdfusion fuse fails with exit code 1 and names the file for bad data,
     return run_cli("fuse --ir " + quoted(ir) + " --vi " + quoted(vi) + " --out " + quoted(out));
   };
   struct Case {
-    std::string name, ir, vi, fragment;
+    std::string name, ir, vi, fragment, not_named = {};
   };
   const std::vector<Case> cases = {
       {"different sizes", good, other, other},
       {"truncated PNG", good, scratch / "truncated.png", "truncated.png"},
       {"text file named .png", scratch / "text.png", good, "text.png"},
       {"unreadable path", scratch / "absent.png", good, "absent.png"},
+      // The two are decoded at once; the infrared image's failure is the one reported, as when decoded in turn.
+      {"both bad", scratch / "text.png", scratch / "truncated.png", "text.png", "truncated.png"},
   };
   for (const Case& c : cases) {
     const std::string out = scratch / ("out_" + std::to_string(&c - cases.data()) + ".png");
@@ -181,6 +183,7 @@ TEST_CASE("tdfusion fuse fails with exit code 1 and names the file for bad data,
     INFO(c.name << ": " << run.output);
     CHECK(run.exit_code == 1);
     CHECK(run.output.find(c.fragment) != std::string::npos);
+    if (!c.not_named.empty()) CHECK(run.output.find(c.not_named) == std::string::npos);
     CHECK(run.output.find("Exception raised from") == std::string::npos);  // a message, not a backtrace
     CHECK_FALSE(fs::exists(out));
   }
