@@ -721,6 +721,9 @@ class NormPointwiseDepthwiseTile {
   /// vector-aligned).
   static constexpr int64_t kVector = 64 / static_cast<int64_t>(sizeof(T));
 
+  /// The length of a buffer plane holding `elements`: whole vectors.
+  static int64_t padded(int64_t elements) { return (elements + kVector - 1) / kVector * kVector; }
+
   NormPointwiseDepthwiseTile(const T* x, int64_t channels, int64_t height, int64_t width, const T* ln_w,
                              const T* ln_b, const T* w_in, int64_t out_channels, const T* w_dw, double eps)
       : x_(x), channels_(channels), height_(height), width_(width), ln_w_(ln_w), ln_b_(ln_b),
@@ -751,7 +754,7 @@ class NormPointwiseDepthwiseTile {
     const int64_t pixels = height_ * width_;
     const int64_t b0 = std::max<int64_t>(0, tile.c0 - 1), b1 = std::min(width_, tile.c1 + 1);
     const T* src = x_ + n * channels_ * pixels;
-    normed_.resize((len + kVector - 1) / kVector * kVector, channels_);
+    normed_.resize(padded(len), channels_);
     for (int64_t c = 0; c < channels_; ++c) {
       T* column = normed_.col(c).data();
       std::fill(column + len, column + normed_.rows(), T(0));
@@ -949,7 +952,7 @@ inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
             offsets[static_cast<size_t>(tap * channels + c)] = c * gather.plane() + (tap / 3) * stride + tap % 3;
           }
         }
-        result.resize((rows * cols + Gather::kVector - 1) / Gather::kVector * Gather::kVector, out);
+        result.resize(Gather::padded(rows * cols), out);
         detail::pointwise<T>(detail::OffsetWindow<T>{gather.gathered(), offsets.data(), stride}, 9 * channels,
                              weights.data_ptr<T>(), 9 * channels, out, {nullptr, 0, 0},
                              {result.data(), result.rows(), cols}, rows, cols);
@@ -989,7 +992,7 @@ void residual_tiles(const BlockInputs& in, double eps, int64_t hidden, const Mix
       mixed.resize(rows * cols, hidden);
       mix(fused, mixed, scratch, cols);
       const int64_t offset = tile.r0 * width + tile.c0;
-      result.resize((rows * cols + Fused::kVector - 1) / Fused::kVector * Fused::kVector, channels);
+      result.resize(Fused::padded(rows * cols), channels);
       pointwise<T>({mixed.data(), mixed.rows(), cols}, hidden, projection(n), hidden, channels,
                    {xc.data_ptr<T>() + n * xc.stride(0) + offset, pixels, width}, {result.data(), result.rows(), cols},
                    rows, cols);
