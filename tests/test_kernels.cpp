@@ -282,8 +282,8 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
     }
   }
   // An attention's Gram matrices and norms (3 heads of q and k rows), a cross attention's, an attention's
-  // output for given mixing matrices, also into channels of a larger tensor, and dense 3x3 convolutions, in
-  // float and double, with 6 channels (a register block of 4 outputs and two single ones) on rows of 1 to 4
+  // output for given mixing matrices, also into channels of a larger tensor, followed by a feed-forward half in
+  // the same pass (attention_feed_forward), and dense 3x3 convolutions, in float and double, with 6 channels (a register block of 4 outputs and two single ones) on rows of 1 to 4
   // vectors and a remainder of pixels, 40 rows (two rows of tiles).
   for (const auto type : {torch::kFloat, torch::kDouble}) {
     for (const int64_t width : {5, 60, 150}) {
@@ -296,6 +296,16 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       const torch::Tensor mixing = torch::randn({2, 6, 6}, options);
       const torch::Tensor w_qk = torch::randn({12, 6, 1, 1}, options) * 0.3, w_qk_dw = torch::randn({12, 1, 3, 3}, options) * 0.3;
       const torch::Tensor output = ops::attention_output(x, lw, lb, w_v, w_dw, mixing);
+      const torch::Tensor lw2 = torch::rand({6}, options), lb2 = torch::randn({6}, options);
+      const torch::Tensor w_in = torch::randn({16, 6, 1, 1}, options) * 0.3;
+      const torch::Tensor w_in_dw = torch::randn({16, 1, 3, 3}, options) * 0.3, w_out = torch::randn({6, 8, 1, 1}, options) * 0.3;
+      const torch::Tensor block = ops::attention_feed_forward(x, lw, lb, w_v, w_dw, mixing, lw2, lb2, w_in, w_in_dw, w_out);
+      const torch::Tensor two_passes = ops::feed_forward_block(output, lw2, lb2, w_in, w_in_dw, w_out);
+      CHECK_THROWS_WITH_AS(ops::attention_feed_forward(x, lw, lb, w_v, w_dw, mixing, lw2, lb2, w_in, w_in_dw,
+                                                       w_out.narrow(1, 0, 7)),
+                           doctest::Contains("attention_feed_forward kernel got output weight [6, 7, 1, 1] for 6 "
+                                             "channels and 16 hidden ones"),
+                           c10::Error);
       const std::vector<torch::Tensor> sums = ops::attention_gram(x, lw, lb, w_qk, w_qk_dw, 3);
       const torch::Tensor x2 = torch::randn_like(x), w_qk2 = torch::randn_like(w_qk) * 0.3;
       const torch::Tensor w_qk2_dw = torch::randn_like(w_qk_dw) * 0.3;
@@ -329,6 +339,7 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       const torch::Tensor normed = ops::channel_layer_norm(x, lw, lb);
       const torch::Tensor v = ops::depthwise3x3(ops::conv1x1(normed, w_v), w_dw);
       CHECK(relative_error(output, x + torch::matmul(mixing, v.flatten(2)).view_as(x)) < tolerance);
+      CHECK(relative_error(block, two_passes) < tolerance);
       const auto qk = ops::depthwise3x3(ops::conv1x1(normed, w_qk), w_qk_dw).view({2, 2, 3, 2, -1}).unbind(1);
       CHECK(relative_error(sums[0], torch::matmul(qk[0], qk[1].transpose(-1, -2))) < tolerance);
       CHECK(relative_error(sums[1], qk[0].norm(2, -1)) < tolerance);

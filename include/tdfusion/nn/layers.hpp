@@ -147,12 +147,12 @@ class AttentionImpl : public torch::nn::Module {
     return channel_attention(parts[0], parts[1], parts[2], p["temperature"], heads_, p["project_out.weight"]);
   }
 
-  /// x + forward_with(p, LN(x)) on the fused inference path (ops::inference_fusable; LayerNorm ln_w, ln_b): two
-  /// passes over x that store none of q, k and v, one for the attention's Gram matrices (ops::attention_gram;
-  /// under an AttentionTiling hook, which needs q and k themselves, those are made), one for its output with the
-  /// residual (ops::attention_output).
-  torch::Tensor fused_forward(const ParamView& p, const torch::Tensor& x, const torch::Tensor& ln_w,
-                              const torch::Tensor& ln_b) const {
+  /// On the fused inference path (ops::inference_fusable; LayerNorm ln_w, ln_b): the mixing matrices of
+  /// forward_with(p, LN(x)) (attention_mixing), from one pass over x that stores neither q nor k
+  /// (ops::attention_gram; under an AttentionTiling hook, which needs q and k themselves, those are made). The
+  /// output, x + M v with v the third of the stacked values (value_weights), is then a fused kernel's.
+  torch::Tensor fused_mixing(const ParamView& p, const torch::Tensor& x, const torch::Tensor& ln_w,
+                             const torch::Tensor& ln_b) const {
     const torch::Tensor &w = p["qkv.weight"], &dw = p["qkv_dwconv.weight"];
     const int64_t c = x.size(1);
     const torch::Tensor w_qk = w.narrow(0, 0, 2 * c), dw_qk = dw.narrow(0, 0, 2 * c);
@@ -163,8 +163,12 @@ class AttentionImpl : public torch::nn::Module {
       const auto sums = ops::attention_gram(x, ln_w, ln_b, w_qk, dw_qk, heads_);
       matrix = attention_matrix(sums[0], sums[1], sums[2], p["temperature"]);
     }
-    return ops::attention_output(x, ln_w, ln_b, w.narrow(0, 2 * c, c), dw.narrow(0, 2 * c, c),
-                                 attention_mixing(matrix, p["project_out.weight"]));
+    return attention_mixing(matrix, p["project_out.weight"]);
+  }
+
+  /// The weights of v = dwconv3x3(W_v LN(x)) for C channels: {W_v, the depthwise kernels}.
+  static std::pair<torch::Tensor, torch::Tensor> value_weights(const ParamView& p, int64_t c) {
+    return {p["qkv.weight"].narrow(0, 2 * c, c), p["qkv_dwconv.weight"].narrow(0, 2 * c, c)};
   }
 
  private:
@@ -210,16 +214,17 @@ class TransformerBlockImpl : public torch::nn::Module {
   }
 
   torch::Tensor forward_with(const ParamView& p, torch::Tensor x) const {
-    // Inference on CPU: LayerNorm, 1x1 and depthwise convolutions fused into cache-friendly passes over row
-    // bands (the same function): before the attention, and over the whole feed-forward half.
+    // Inference on CPU: LayerNorm, 1x1 and depthwise convolutions fused into two passes over cache-sized tiles
+    // (the same function): one for the attention's matrices, one for the rest of the block.
     const torch::Tensor &qkv_w = p["attn.qkv.weight"], &qkv_dw = p["attn.qkv_dwconv.weight"];
     const torch::Tensor &in_w = p["ffn.project_in.weight"], &in_dw = p["ffn.dwconv.weight"];
     const torch::Tensor& out_w = p["ffn.project_out.weight"];
     const torch::Tensor &ln1_w = p["norm1.body.weight"], &ln1_b = p["norm1.body.bias"];
     const torch::Tensor &ln2_w = p["norm2.body.weight"], &ln2_b = p["norm2.body.bias"];
     if (ops::inference_fusable({&x, &qkv_w, &qkv_dw, &in_w, &in_dw, &out_w, &ln1_w, &ln1_b, &ln2_w, &ln2_b})) {
-      x = attn_->fused_forward(p.sub("attn"), x, ln1_w, ln1_b);
-      return ops::feed_forward_block(x, ln2_w, ln2_b, in_w, in_dw, out_w);
+      const torch::Tensor mixing = attn_->fused_mixing(p.sub("attn"), x, ln1_w, ln1_b);
+      const auto [v_w, v_dw] = AttentionImpl::value_weights(p.sub("attn"), x.size(1));
+      return ops::attention_feed_forward(x, ln1_w, ln1_b, v_w, v_dw, mixing, ln2_w, ln2_b, in_w, in_dw, out_w);
     }
     x = x + attn_->forward_with(p.sub("attn"), norm1_->forward_with(p.sub("norm1"), x));
     return x + ffn_->forward_with(p.sub("ffn"), norm2_->forward_with(p.sub("norm2"), x));

@@ -18,6 +18,8 @@
 //                        cross_attention_gram: those of both attentions of a cross attention between two inputs
 //   attention_output     x + M dwconv3x3(W_v LN(x)), an attention's output for given matrices M, likewise
 //                        (all four also without the LayerNorm, as in ReFusion's fusion module)
+//   attention_feed_forward  attention_output then feed_forward_block in one pass: a Restormer block once its
+//                        attention matrices are known, the attention's output never stored
 //
 // Reductions over pixels accumulate over at most a few rows in the tensor's type and beyond that in double.
 
@@ -601,7 +603,8 @@ struct OffsetWindow {
 /// y_o = residual_o + sum_c w[o * w_row + c] x_c for the output planes o < outs of a window (residual 0 where
 /// its data is null): the 1x1 convolutions of the fused kernels. With only 16 to 64 input channels a general GEMM
 /// spends much of its time packing the operands and zeroing its output; this reads the planes in place, keeps
-/// a block of 4 outputs x (up to) kMaxVectors vectors of pixels in registers and writes each output once.
+/// a block of 4 outputs x (up to) kMaxVectors vectors of pixels in registers and writes each output once. The
+/// residual may be y itself (an in-place addition): each element is read before it is written.
 template <class T, class Input = PlaneWindow<const T>>
 void pointwise(Input x, int64_t ins, const T* w, int64_t w_row, int64_t outs, PlaneWindow<const T> residual,
                PlaneWindow<T> y, int64_t rows, int64_t cols) {
@@ -748,12 +751,23 @@ class NormPointwiseDepthwiseTile {
     return all;
   }
 
+  /// Where compute() reads the image: pixel (c, r, i) at window.data[c * window.plane + (r - r0) * window.row +
+  /// i - c0], for the rows and columns that the tile and its halo need inside the image.
+  struct Source {
+    PlaneWindow<const T> window;
+    int64_t r0, c0;
+  };
+
+  /// Computes the tile of image n of the input given at construction.
   void compute(int64_t n, const Tile& tile) {
+    compute(Source{{x_ + n * channels_ * height_ * width_, height_ * width_, width_}, 0, 0}, tile);
+  }
+
+  /// Computes the tile of the image in `source` (a part of it held in a caller's buffer, say).
+  void compute(const Source& source, const Tile& tile) {
     tile_ = tile;
     const int64_t rows = tile.r1 - tile.r0 + 2, cols = tile.c1 - tile.c0 + 2, len = rows * cols;
-    const int64_t pixels = height_ * width_;
     const int64_t b0 = std::max<int64_t>(0, tile.c0 - 1), b1 = std::min(width_, tile.c1 + 1);
-    const T* src = x_ + n * channels_ * pixels;
     normed_.resize(padded(len), channels_);
     for (int64_t c = 0; c < channels_; ++c) {
       T* column = normed_.col(c).data();
@@ -765,7 +779,8 @@ class NormPointwiseDepthwiseTile {
           continue;
         }
         row[0] = row[cols - 1] = T(0);  // the halo columns outside the image stay zero
-        std::copy(src + c * pixels + r * width_ + b0, src + c * pixels + r * width_ + b1, row + (b0 - tile.c0 + 1));
+        const T* from = source.window.data + c * source.window.plane + (r - source.r0) * source.window.row + (b0 - source.c0);
+        std::copy(from, from + (b1 - b0), row + (b0 - tile.c0 + 1));
       }
     }
     if (ln_w_ != nullptr) {
@@ -967,6 +982,45 @@ inline torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& w) {
 
 namespace detail {
 
+/// gelu(a) * b of a gated feed-forward, [a; b] = the tile that `fused` computed (its W_in rows: a's hidden,
+/// then b's), into the `hidden` columns of `gated` (tile pixels, rows `cols` apart); `gate` is scratch.
+template <class T>
+void gated_values(NormPointwiseDepthwiseTile<T>& fused, int64_t hidden, ColMatrix<T>& gated, Array<T>& gate,
+                  int64_t cols) {
+  gate.resize(gated.rows());
+  constexpr int64_t kGroup = 8;  // hidden channels per expansion: their a and b planes stay in L1/L2
+  for (int64_t c0 = 0; c0 < hidden; c0 += kGroup) {
+    const int64_t g = std::min(kGroup, hidden - c0);
+    fused.expand(c0, g, 0);
+    fused.expand(hidden + c0, g, g);
+    for (int64_t c = c0; c < c0 + g; ++c) {
+      fused.depthwise(c, c - c0, gated.col(c).data(), cols);
+      fused.depthwise(c + hidden, g + c - c0, gate.data(), cols);
+      gated.col(c).array() = gelu(gated.col(c).array()) * gate;
+    }
+  }
+}
+
+/// An attention's v, the tile that `fused` computed, into the `channels` columns of `values` (tile pixels, rows
+/// `cols` apart).
+template <class T>
+void attention_values(NormPointwiseDepthwiseTile<T>& fused, int64_t channels, ColMatrix<T>& values, int64_t cols) {
+  fused.expand(0, channels, 0);
+  for (int64_t c = 0; c < channels; ++c) fused.depthwise(c, c, values.col(c).data(), cols);
+}
+
+/// out = residual + P f on a rows x cols window, for a tile's `hidden` planes f (the columns of `mixed`, rows
+/// `cols` apart) and P (channels x hidden, row-major): computed into the tile buffer `result`, then streamed
+/// to `out` (stream_planes; the caller fences).
+template <class T>
+void project_tile(const ColMatrix<T>& mixed, int64_t hidden, const T* projection, int64_t channels,
+                  PlaneWindow<const T> residual, int64_t rows, int64_t cols, ColMatrix<T>& result, PlaneWindow<T> out) {
+  result.resize(NormPointwiseDepthwiseTile<T>::padded(rows * cols), channels);
+  pointwise<T>({mixed.data(), mixed.rows(), cols}, hidden, projection, hidden, channels, residual,
+               {result.data(), result.rows(), cols}, rows, cols);
+  stream_planes<T>(result.data(), result.rows(), channels, rows, cols, out);
+}
+
 /// y = x + P_n f(dwconv3x3(W_in LN(x))) for each image n, over the tiles of NormPointwiseDepthwiseTile (the
 /// residual half of a fused block): mix(fused, f, scratch, cols) writes f of the tile's W_in channels into the
 /// `hidden` columns of f (tile pixels x hidden), and the projection P_n = projection(n) (C x hidden, row-major)
@@ -992,15 +1046,31 @@ void residual_tiles(const BlockInputs& in, double eps, int64_t hidden, const Mix
       mixed.resize(rows * cols, hidden);
       mix(fused, mixed, scratch, cols);
       const int64_t offset = tile.r0 * width + tile.c0;
-      result.resize(Fused::padded(rows * cols), channels);
-      pointwise<T>({mixed.data(), mixed.rows(), cols}, hidden, projection(n), hidden, channels,
-                   {xc.data_ptr<T>() + n * xc.stride(0) + offset, pixels, width}, {result.data(), result.rows(), cols},
-                   rows, cols);
-      stream_planes<T>(result.data(), result.rows(), channels, rows, cols,
-                       {y.data_ptr<T>() + n * y.stride(0) + offset, pixels, width});
+      project_tile<T>(mixed, hidden, projection(n), channels, {xc.data_ptr<T>() + n * xc.stride(0) + offset, pixels, width},
+                      rows, cols, result, {y.data_ptr<T>() + n * y.stride(0) + offset, pixels, width});
     }
     store_fence();
   });
+}
+
+/// Checks a gated feed-forward's weights against its input x (w_in: 2H x C, w_out: C x H); returns H.
+inline int64_t feed_forward_hidden(const char* kernel, const torch::Tensor& x, const torch::Tensor& w_in,
+                                   const torch::Tensor& w_out) {
+  const int64_t channels = x.size(1), hidden2 = w_in.size(0), hidden = hidden2 / 2;
+  TORCH_CHECK(hidden2 == 2 * hidden && w_out.dim() == 4 && w_out.size(0) == channels && w_out.size(1) == hidden,
+              "tdfusion: ", kernel, " kernel got output weight ", w_out.sizes(), " for ", channels, " channels and ",
+              hidden2, " hidden ones");
+  return hidden;
+}
+
+/// Checks an attention's value weight (C x C) and mixing matrices (N x C x C) against its input x.
+inline void check_attention_weights(const char* kernel, const torch::Tensor& x, const torch::Tensor& w_v,
+                                    const torch::Tensor& mixing) {
+  const int64_t batch = x.size(0), channels = x.size(1);
+  TORCH_CHECK(w_v.size(0) == channels && mixing.dim() == 3 && mixing.size(0) == batch && mixing.size(1) == channels &&
+                  mixing.size(2) == channels && mixing.scalar_type() == x.scalar_type(),
+              "tdfusion: ", kernel, " kernel got value weight ", w_v.sizes(), " and mixing matrices ", mixing.sizes(),
+              " for input ", x.sizes());
 }
 
 }  // namespace detail
@@ -1015,29 +1085,15 @@ inline torch::Tensor feed_forward_block(const torch::Tensor& x, const torch::Ten
                                         const torch::Tensor& w_out, double eps) {
   RECORD_FUNCTION("tdfusion::feed_forward_block", std::vector<c10::IValue>());
   const detail::BlockInputs in(x, ln_w, ln_b, w_in, w_dw);
-  const int64_t channels = x.size(1), hidden2 = w_in.size(0), hidden = hidden2 / 2;
-  TORCH_CHECK(hidden2 == 2 * hidden && w_out.size(0) == channels && w_out.size(1) == hidden,
-              "tdfusion: feed_forward_block kernel got output weight ", w_out.sizes(), " for ", channels,
-              " channels and ", hidden2, " hidden ones");
-  multiply_adds() += x.size(0) * x.size(2) * x.size(3) * (hidden2 * (channels + 9) + channels * hidden);
+  const int64_t channels = x.size(1), hidden = detail::feed_forward_hidden("feed_forward_block", x, w_in, w_out);
+  multiply_adds() += x.size(0) * x.size(2) * x.size(3) * hidden * (3 * channels + 18);
   const torch::Tensor wout = w_out.contiguous();
   torch::Tensor y = detail::new_like(x);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_feed_forward_block", [&] {
     using T = scalar_t;
     auto gated = [hidden](auto& fused, detail::ColMatrix<T>& out, detail::Array<T>& gate, int64_t cols) {
-      gate.resize(out.rows());
-      constexpr int64_t kGroup = 8;  // hidden channels per expansion: their a and b planes stay in L1/L2
-      for (int64_t c0 = 0; c0 < hidden; c0 += kGroup) {
-        const int64_t g = std::min(kGroup, hidden - c0);
-        fused.expand(c0, g, 0);
-        fused.expand(hidden + c0, g, g);
-        for (int64_t c = c0; c < c0 + g; ++c) {
-          fused.depthwise(c, c - c0, out.col(c).data(), cols);
-          fused.depthwise(c + hidden, g + c - c0, gate.data(), cols);
-          out.col(c).array() = detail::gelu(out.col(c).array()) * gate;
-        }
-      }
+      detail::gated_values(fused, hidden, out, gate, cols);
     };
     detail::residual_tiles<T>(in, eps, hidden, gated, [&](int64_t) { return wout.data_ptr<T>(); }, y);
   });
@@ -1193,10 +1249,7 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
   RECORD_FUNCTION("tdfusion::attention_output", std::vector<c10::IValue>());
   const detail::BlockInputs in(x, ln_w, ln_b, w_v, w_dw);
   const int64_t batch = x.size(0), channels = x.size(1);
-  TORCH_CHECK(w_v.size(0) == channels && mixing.dim() == 3 && mixing.size(0) == batch && mixing.size(1) == channels &&
-                  mixing.size(2) == channels && mixing.scalar_type() == x.scalar_type(),
-              "tdfusion: attention_output kernel got value weight ", w_v.sizes(), " and mixing matrices ",
-              mixing.sizes(), " for input ", x.sizes());
+  detail::check_attention_weights("attention_output", x, w_v, mixing);
   multiply_adds() += batch * x.size(2) * x.size(3) * channels * (2 * channels + 9);
   TORCH_CHECK(!out.defined() || (out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
                                   out.device() == x.device() && detail::block_contiguous(out)),
@@ -1207,13 +1260,79 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_attention_output", [&] {
     using T = scalar_t;
     auto values = [channels](auto& fused, detail::ColMatrix<T>& out, detail::Array<T>&, int64_t cols) {
-      fused.expand(0, channels, 0);
-      for (int64_t c = 0; c < channels; ++c) fused.depthwise(c, c, out.col(c).data(), cols);
+      detail::attention_values(fused, channels, out, cols);
     };
     const T* matrices = mc.data_ptr<T>();
     detail::residual_tiles<T>(in, eps, channels, values, [&](int64_t n) { return matrices + n * channels * channels; }, y);
   });
   return y;
+}
+
+/// A Restormer transformer block once its attention matrices are known, z = y + W_out (gelu(a) * b) with
+/// [a; b] = dwconv3x3(W_in LN2(y)), y = x + M_n dwconv3x3(W_v LN1(x)), in one pass over cache-sized tiles
+/// (inference only): attention_output then feed_forward_block, without y ever leaving the cache, which spares
+/// a feature map's write and read. Each tile computes y on itself and the one-pixel ring that the feed-forward's
+/// depthwise convolution reads, so the attention's part is done anew on that ring (about 9 % more of it on
+/// 2048-pixel tiles). Arguments as for attention_output (ln1_w, ln1_b, w_v, w_dv, mixing) and
+/// feed_forward_block (ln2_w, ln2_b, w_in, w_dw, w_out).
+inline torch::Tensor attention_feed_forward(const torch::Tensor& x, const torch::Tensor& ln1_w, const torch::Tensor& ln1_b,
+                                            const torch::Tensor& w_v, const torch::Tensor& w_dv,
+                                            const torch::Tensor& mixing, const torch::Tensor& ln2_w,
+                                            const torch::Tensor& ln2_b, const torch::Tensor& w_in,
+                                            const torch::Tensor& w_dw, const torch::Tensor& w_out, double eps) {
+  RECORD_FUNCTION("tdfusion::attention_feed_forward", std::vector<c10::IValue>());
+  const detail::BlockInputs attention(x, ln1_w, ln1_b, w_v, w_dv), feed_forward(x, ln2_w, ln2_b, w_in, w_dw);
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  detail::check_attention_weights("attention_feed_forward", x, w_v, mixing);
+  const int64_t hidden = detail::feed_forward_hidden("attention_feed_forward", x, w_in, w_out);
+  multiply_adds() += batch * height * width * (channels * (2 * channels + 9) + hidden * (3 * channels + 18));
+  const torch::Tensor mc = mixing.contiguous(), wout = w_out.contiguous();
+  torch::Tensor z = detail::new_like(x);
+  if (z.numel() == 0) return z;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tdfusion_attention_feed_forward", [&] {
+    using T = scalar_t;
+    using Fused = detail::NormPointwiseDepthwiseTile<T>;
+    const T* const xd = attention.x.data_ptr<T>();
+    const int64_t pixels = height * width;
+    const std::vector<typename Fused::Tile> tiles = Fused::tiles(height, width);
+    const auto count = static_cast<int64_t>(tiles.size());
+    at::parallel_for(0, batch * count, 1, [&](int64_t begin, int64_t end) {
+      Fused attend = attention.tile<T>(eps), feed = feed_forward.tile<T>(eps);
+      detail::ColMatrix<T> values, y, gated, result;
+      detail::Array<T> gate;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / count;
+        const auto& tile = tiles[static_cast<size_t>(item % count)];
+        // y on the tile and its ring inside the image, each plane one run of whole vectors, zero beyond `len`
+        const typename Fused::Tile ring{std::max<int64_t>(0, tile.r0 - 1), std::min(height, tile.r1 + 1),
+                                        std::max<int64_t>(0, tile.c0 - 1), std::min(width, tile.c1 + 1)};
+        const int64_t ring_cols = ring.c1 - ring.c0, len = (ring.r1 - ring.r0) * ring_cols;
+        const int64_t plane = Fused::padded(len);
+        attend.compute(n, ring);
+        values.resize(plane, channels);
+        detail::attention_values(attend, channels, values, ring_cols);
+        y.resize(plane, channels);
+        for (int64_t c = 0; c < channels; ++c) {
+          const T* from = xd + (n * channels + c) * pixels + ring.r0 * width + ring.c0;
+          for (int64_t r = 0; r < ring.r1 - ring.r0; ++r) std::copy(from + r * width, from + r * width + ring_cols, y.col(c).data() + r * ring_cols);
+        }
+        values.bottomRows(plane - len).setZero();
+        y.bottomRows(plane - len).setZero();
+        // y = x + M_n v: x's window, copied in above, is the residual, added onto in place.
+        detail::pointwise<T>({values.data(), plane, plane}, channels, mc.data_ptr<T>() + n * channels * channels,
+                             channels, channels, {y.data(), plane, plane}, {y.data(), plane, plane}, 1, plane);
+        feed.compute({{y.data(), plane, ring_cols}, ring.r0, ring.c0}, tile);
+        const int64_t rows = tile.r1 - tile.r0, cols = tile.c1 - tile.c0;
+        gated.resize(rows * cols, hidden);
+        detail::gated_values(feed, hidden, gated, gate, cols);
+        detail::project_tile<T>(gated, hidden, wout.data_ptr<T>(), channels,
+                                {y.data() + (tile.r0 - ring.r0) * ring_cols + (tile.c0 - ring.c0), plane, ring_cols},
+                                rows, cols, result, {z.data_ptr<T>() + n * z.stride(0) + tile.r0 * width + tile.c0, pixels, width});
+      }
+      detail::store_fence();
+    });
+  });
+  return z;
 }
 
 }  // namespace tdfusion::nn::kernels

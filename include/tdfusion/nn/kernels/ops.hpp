@@ -9,9 +9,9 @@
 //   recorded (create_graph, as in the meta step's inner step), differentiable LibTorch ops for the same
 //   gradient; gelu_gate's recorded backward is itself a function of that kind (a fused kernel for the meta
 //   step's outer pass, differentiable ops for a third derivative).
-// For inference (no gradient wanted) a transformer block runs three fused kernels instead, over cache-sized
-// tiles processed in parallel: the attention's Gram matrices from LayerNorm + 1x1 + depthwise convolution (q and
-// k never stored), its output with the residual (v never stored), and the whole feed-forward half. Dense
+// For inference (no gradient wanted) a transformer block runs two fused kernels instead, over cache-sized tiles
+// processed in parallel: the attention's Gram matrices from LayerNorm + 1x1 + depthwise convolution (q and k
+// never stored), then its output with the residual (v never stored) and the whole feed-forward half. Dense
 // convolutions keep LibTorch's oneDNN kernels, which outran an im2col + Eigen GEMM version here (see README,
 // Performance); conv_same only rewrites their recorded backward (an ordinary one stays LibTorch's), because
 // LibTorch 1.13 differentiates a convolution's gradient through a transposed convolution that runs as a
@@ -406,6 +406,19 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
   TORCH_CHECK(!out.defined() || inference_fusable({&x, &out}), "tdfusion: attention_output cannot write into a "
               "tensor that needs a gradient, or of another type or device than its input");
   return kernels::attention_output(x, ln_w, ln_b, w_v, w_dw, mixing, eps, out);
+}
+
+/// feed_forward_block(attention_output(x, ln1_w, ln1_b, w_v, w_dv, mixing), ln2_w, ln2_b, w_in, w_dw, w_out): a
+/// Restormer block once its attention matrices are known, in one pass that never stores the attention's output
+/// (kernels::attention_feed_forward). Only where inference_fusable holds.
+inline torch::Tensor attention_feed_forward(const torch::Tensor& x, const torch::Tensor& ln1_w, const torch::Tensor& ln1_b,
+                                            const torch::Tensor& w_v, const torch::Tensor& w_dv,
+                                            const torch::Tensor& mixing, const torch::Tensor& ln2_w,
+                                            const torch::Tensor& ln2_b, const torch::Tensor& w_in,
+                                            const torch::Tensor& w_dw, const torch::Tensor& w_out, double eps = 1e-5) {
+  detail::check_fusable("attention_feed_forward", ln1_w, ln1_b, {&x, &w_v, &w_dv, &mixing});
+  detail::check_fusable("attention_feed_forward", ln2_w, ln2_b, {&x, &w_in, &w_dw, &w_out});
+  return kernels::attention_feed_forward(x, ln1_w, ln1_b, w_v, w_dv, mixing, ln2_w, ln2_b, w_in, w_dw, w_out, eps);
 }
 
 /// dwconv3x3(W_in LN(x)): a Restormer attention's q, k, v in one pass (kernels::norm_pointwise_depthwise;
