@@ -1275,11 +1275,12 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
 /// depthwise convolution reads, so the attention's part is done anew on that ring (about 9 % more of it on
 /// 2048-pixel tiles). Arguments as for attention_output (ln1_w, ln1_b, w_v, w_dv, mixing) and
 /// feed_forward_block (ln2_w, ln2_b, w_in, w_dw, w_out).
-inline torch::Tensor attention_feed_forward(const torch::Tensor& x, const torch::Tensor& ln1_w, const torch::Tensor& ln1_b,
-                                            const torch::Tensor& w_v, const torch::Tensor& w_dv,
-                                            const torch::Tensor& mixing, const torch::Tensor& ln2_w,
-                                            const torch::Tensor& ln2_b, const torch::Tensor& w_in,
-                                            const torch::Tensor& w_dw, const torch::Tensor& w_out, double eps) {
+inline torch::Tensor attention_feed_forward(const torch::Tensor& x, const torch::Tensor& ln1_w,
+                                            const torch::Tensor& ln1_b, const torch::Tensor& w_v,
+                                            const torch::Tensor& w_dv, const torch::Tensor& mixing,
+                                            const torch::Tensor& ln2_w, const torch::Tensor& ln2_b,
+                                            const torch::Tensor& w_in, const torch::Tensor& w_dw,
+                                            const torch::Tensor& w_out, double eps) {
   RECORD_FUNCTION("tdfusion::attention_feed_forward", std::vector<c10::IValue>());
   const detail::BlockInputs attention(x, ln1_w, ln1_b, w_v, w_dv), feed_forward(x, ln2_w, ln2_b, w_in, w_dw);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
@@ -1314,20 +1315,23 @@ inline torch::Tensor attention_feed_forward(const torch::Tensor& x, const torch:
         y.resize(plane, channels);
         for (int64_t c = 0; c < channels; ++c) {
           const T* from = xd + (n * channels + c) * pixels + ring.r0 * width + ring.c0;
-          for (int64_t r = 0; r < ring.r1 - ring.r0; ++r) std::copy(from + r * width, from + r * width + ring_cols, y.col(c).data() + r * ring_cols);
+          for (int64_t r = 0; r < ring.r1 - ring.r0; ++r) {
+            std::copy(from + r * width, from + r * width + ring_cols, y.col(c).data() + r * ring_cols);
+          }
         }
         values.bottomRows(plane - len).setZero();
         y.bottomRows(plane - len).setZero();
-        // y = x + M_n v: x's window, copied in above, is the residual, added onto in place.
+        // y = x + M_n v: x's window, copied in above, is the residual, added onto in place, over each plane as one
+        // row of whole vectors (the ring's rows, 2 columns wider than the tile's, would leave 2 to scalar code).
         detail::pointwise<T>({values.data(), plane, plane}, channels, mc.data_ptr<T>() + n * channels * channels,
                              channels, channels, {y.data(), plane, plane}, {y.data(), plane, plane}, 1, plane);
         feed.compute({{y.data(), plane, ring_cols}, ring.r0, ring.c0}, tile);
         const int64_t rows = tile.r1 - tile.r0, cols = tile.c1 - tile.c0;
         gated.resize(rows * cols, hidden);
         detail::gated_values(feed, hidden, gated, gate, cols);
-        detail::project_tile<T>(gated, hidden, wout.data_ptr<T>(), channels,
-                                {y.data() + (tile.r0 - ring.r0) * ring_cols + (tile.c0 - ring.c0), plane, ring_cols},
-                                rows, cols, result, {z.data_ptr<T>() + n * z.stride(0) + tile.r0 * width + tile.c0, pixels, width});
+        const T* y_tile = y.data() + (tile.r0 - ring.r0) * ring_cols + (tile.c0 - ring.c0);
+        detail::project_tile<T>(gated, hidden, wout.data_ptr<T>(), channels, {y_tile, plane, ring_cols}, rows, cols,
+                                result, {z.data_ptr<T>() + n * z.stride(0) + tile.r0 * width + tile.c0, pixels, width});
       }
       detail::store_fence();
     });
