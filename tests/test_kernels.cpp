@@ -283,8 +283,9 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
   }
   // An attention's Gram matrices and norms (3 heads of q and k rows), a cross attention's, an attention's
   // output for given mixing matrices, also into channels of a larger tensor, followed by a feed-forward half in
-  // the same pass (attention_feed_forward), and dense 3x3 convolutions, in float and double, with 6 channels (a register block of 4 outputs and two single ones) on rows of 1 to 4
-  // vectors and a remainder of pixels, 40 rows (two rows of tiles).
+  // the same pass (attention_feed_forward), and dense 3x3 convolutions, in float and double, with 6 channels (a
+  // register block of 4 outputs and two single ones) on rows of 1 to 4 vectors and a remainder of pixels, 40
+  // rows (two rows of tiles).
   for (const auto type : {torch::kFloat, torch::kDouble}) {
     for (const int64_t width : {5, 60, 150}) {
       CAPTURE(type);
@@ -298,8 +299,10 @@ TEST_CASE("ReFusion on the fast kernels agrees with the plain ops, forward and b
       const torch::Tensor output = ops::attention_output(x, lw, lb, w_v, w_dw, mixing);
       const torch::Tensor lw2 = torch::rand({6}, options), lb2 = torch::randn({6}, options);
       const torch::Tensor w_in = torch::randn({16, 6, 1, 1}, options) * 0.3;
-      const torch::Tensor w_in_dw = torch::randn({16, 1, 3, 3}, options) * 0.3, w_out = torch::randn({6, 8, 1, 1}, options) * 0.3;
-      const torch::Tensor block = ops::attention_feed_forward(x, lw, lb, w_v, w_dw, mixing, lw2, lb2, w_in, w_in_dw, w_out);
+      const torch::Tensor w_in_dw = torch::randn({16, 1, 3, 3}, options) * 0.3;
+      const torch::Tensor w_out = torch::randn({6, 8, 1, 1}, options) * 0.3;
+      const torch::Tensor block =
+          ops::attention_feed_forward(x, lw, lb, w_v, w_dw, mixing, lw2, lb2, w_in, w_in_dw, w_out);
       const torch::Tensor two_passes = ops::feed_forward_block(output, lw2, lb2, w_in, w_in_dw, w_out);
       CHECK_THROWS_WITH_AS(ops::attention_feed_forward(x, lw, lb, w_v, w_dw, mixing, lw2, lb2, w_in, w_in_dw,
                                                        w_out.narrow(1, 0, 7)),

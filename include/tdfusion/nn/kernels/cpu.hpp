@@ -779,7 +779,8 @@ class NormPointwiseDepthwiseTile {
           continue;
         }
         row[0] = row[cols - 1] = T(0);  // the halo columns outside the image stay zero
-        const T* from = source.window.data + c * source.window.plane + (r - source.r0) * source.window.row + (b0 - source.c0);
+        const PlaneWindow<const T>& in = source.window;
+        const T* from = in.data + c * in.plane + (r - source.r0) * in.row + (b0 - source.c0);
         std::copy(from, from + (b1 - b0), row + (b0 - tile.c0 + 1));
       }
     }
@@ -1046,8 +1047,9 @@ void residual_tiles(const BlockInputs& in, double eps, int64_t hidden, const Mix
       mixed.resize(rows * cols, hidden);
       mix(fused, mixed, scratch, cols);
       const int64_t offset = tile.r0 * width + tile.c0;
-      project_tile<T>(mixed, hidden, projection(n), channels, {xc.data_ptr<T>() + n * xc.stride(0) + offset, pixels, width},
-                      rows, cols, result, {y.data_ptr<T>() + n * y.stride(0) + offset, pixels, width});
+      project_tile<T>(mixed, hidden, projection(n), channels,
+                      {xc.data_ptr<T>() + n * xc.stride(0) + offset, pixels, width}, rows, cols, result,
+                      {y.data_ptr<T>() + n * y.stride(0) + offset, pixels, width});
     }
     store_fence();
   });

@@ -411,11 +411,12 @@ inline torch::Tensor attention_output(const torch::Tensor& x, const torch::Tenso
 /// feed_forward_block(attention_output(x, ln1_w, ln1_b, w_v, w_dv, mixing), ln2_w, ln2_b, w_in, w_dw, w_out): a
 /// Restormer block once its attention matrices are known, in one pass that never stores the attention's output
 /// (kernels::attention_feed_forward). Only where inference_fusable holds.
-inline torch::Tensor attention_feed_forward(const torch::Tensor& x, const torch::Tensor& ln1_w, const torch::Tensor& ln1_b,
-                                            const torch::Tensor& w_v, const torch::Tensor& w_dv,
-                                            const torch::Tensor& mixing, const torch::Tensor& ln2_w,
-                                            const torch::Tensor& ln2_b, const torch::Tensor& w_in,
-                                            const torch::Tensor& w_dw, const torch::Tensor& w_out, double eps = 1e-5) {
+inline torch::Tensor attention_feed_forward(const torch::Tensor& x, const torch::Tensor& ln1_w,
+                                            const torch::Tensor& ln1_b, const torch::Tensor& w_v,
+                                            const torch::Tensor& w_dv, const torch::Tensor& mixing,
+                                            const torch::Tensor& ln2_w, const torch::Tensor& ln2_b,
+                                            const torch::Tensor& w_in, const torch::Tensor& w_dw,
+                                            const torch::Tensor& w_out, double eps = 1e-5) {
   detail::check_fusable("attention_feed_forward", ln1_w, ln1_b, {&x, &w_v, &w_dv, &mixing});
   detail::check_fusable("attention_feed_forward", ln2_w, ln2_b, {&x, &w_in, &w_dw, &w_out});
   return kernels::attention_feed_forward(x, ln1_w, ln1_b, w_v, w_dv, mixing, ln2_w, ln2_b, w_in, w_dw, w_out, eps);
