@@ -8,10 +8,14 @@
 #include "tdfusion/core/runtime.hpp"
 #include "tdfusion/nn/kernels/ops.hpp"
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -393,6 +397,53 @@ TEST_CASE("stream_planes copies a tile's planes into a window exactly, whatever 
   };
   check(float{});
   check(double{});
+}
+
+TEST_CASE("for_each_item does every item once, and a thread done with its share takes over another's rest") {
+  namespace detail = tdfusion::nn::kernels::detail;
+  const int threads = torch::get_num_threads();
+  for (const int count : {1, 2}) {
+    torch::set_num_threads(count);
+    for (const int64_t items : {0, 1, 2, 3, 5, 64, 1001}) {
+      CAPTURE(count);
+      CAPTURE(items);
+      std::vector<std::atomic<int>> done(static_cast<size_t>(items));
+      std::atomic<int64_t> shares{0};
+      detail::for_each_item(items, [&](const auto& next) {
+        ++shares;
+        for (int64_t item = 0; next(item);) ++done[static_cast<size_t>(item)];
+      });
+      CHECK(std::all_of(done.begin(), done.end(), [](const std::atomic<int>& d) { return d == 1; }));
+      CHECK(shares == std::max<int64_t>(1, std::min<int64_t>(count, items)));
+    }
+  }
+  // Two shares of 10 items, [0, 5) and [5, 10): item 0 holds its thread until the other nine are done, which
+  // the other thread can only do by taking items 4, 3, 2, 1 from the back of the first share.
+  torch::set_num_threads(2);
+  std::vector<std::thread::id> by(10);
+  std::atomic<int> finished{0};
+  detail::for_each_item(10, [&](const auto& next) {
+    for (int64_t item = 0; next(item);) {
+      by[static_cast<size_t>(item)] = std::this_thread::get_id();
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (item == 0 && finished < 9 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+      ++finished;
+    }
+  });
+  CHECK(std::count(by.begin(), by.end(), by[0]) == 1);
+  CHECK(std::count(by.begin(), by.end(), by[1]) == 9);
+  // Inside a parallel region (a kernel called per tile of a tiled fusion) one share does all items, in order.
+  std::vector<std::vector<int64_t>> orders(2);
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      detail::for_each_item(5, [&](const auto& next) {
+        orders[static_cast<size_t>(i)].push_back(-1);  // one per share
+        for (int64_t item = 0; next(item);) orders[static_cast<size_t>(i)].push_back(item);
+      });
+    }
+  });
+  torch::set_num_threads(threads);
+  for (const auto& order : orders) CHECK(order == std::vector<int64_t>{-1, 0, 1, 2, 3, 4});
 }
 
 TEST_CASE("reuse_freed_memory's region hands out best-fit blocks, coalesces freed ones and keeps them") {
