@@ -8,6 +8,9 @@
 #include "tdfusion/core/runtime.hpp"
 #include "tdfusion/nn/kernels/ops.hpp"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -470,6 +473,40 @@ TEST_CASE("reuse_freed_memory's region hands out best-fit blocks, coalesces free
   CHECK(region.allocate(mb) == nullptr);  // full
   CHECK(region.release(a));
   CHECK(region.allocate(17 * mb) == nullptr);
+}
+
+TEST_CASE("reuse_freed_memory's region makes a block's fresh pages resident before they are written") {
+  using tdfusion::detail::BlockRegion;
+  const size_t mb = BlockRegion::kMinBytes, page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  // Whether this kernel populates on request (Linux 5.14+), asked of a page of its own.
+  void* probe = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(probe != MAP_FAILED);
+#ifdef MADV_POPULATE_WRITE
+  const bool populates = madvise(probe, page, MADV_POPULATE_WRITE) == 0;
+#else
+  const bool populates = false;
+#endif
+  munmap(probe, page);
+  if (!populates) {
+    MESSAGE("skipped: this kernel does not populate pages on request (MADV_POPULATE_WRITE, Linux 5.14+)");
+    return;
+  }
+  const auto resident_pages = [page](const char* block, size_t bytes) {
+    std::vector<unsigned char> status(bytes / page);
+    REQUIRE(mincore(const_cast<char*>(block), bytes, status.data()) == 0);
+    return std::count_if(status.begin(), status.end(), [](unsigned char s) { return (s & 1) != 0; });
+  };
+  BlockRegion region(64 * mb);
+  char* a = static_cast<char*>(region.allocate(8 * mb));
+  REQUIRE(a != nullptr);
+  CHECK(resident_pages(a, 8 * mb) == static_cast<std::ptrdiff_t>(8 * mb / page));
+  CHECK(resident_pages(a + 8 * mb, 8 * mb) == 0);  // beyond the block: reserved only
+  // A larger block extends the freed one at the top; its new stretch is resident too.
+  CHECK(region.release(a));
+  char* b = static_cast<char*>(region.allocate(12 * mb));
+  REQUIRE(b == a);
+  CHECK(resident_pages(b, 12 * mb) == static_cast<std::ptrdiff_t>(12 * mb / page));
+  CHECK(resident_pages(b + 12 * mb, 4 * mb) == 0);
 }
 
 TEST_CASE("reuse_freed_memory's allocator serves large tensors from its region, again and again, small ones as before") {
